@@ -1,0 +1,3 @@
+from escapelab.cli import main
+
+main()

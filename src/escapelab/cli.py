@@ -1,0 +1,212 @@
+"""The ``escapelab`` command: thin wrappers that parse, call the library, and print.
+
+Every command is a plain library call underneath (see each command's module); errors a
+user can cause are printed as one line naming the problem, with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from escapelab.errors import EscapelabError
+
+OVERRIDES_HELP = """
+Overrides are `key=value` pairs on dotted config keys, e.g.
+
+\b
+  escapelab run --out runs/x seed=1 optim.lr=100 loss.name=mse data.batch_size=full
+
+`escapelab config --keys` lists every key with its default and advice.
+"""
+
+MAIN_HELP = """Escaping random teacher initializations (Sarnthein et al.).
+
+A frozen random teacher (He init), a student at theta_T + 1e-10 * theta_tilde, and plain
+SGD at huge step sizes under N-MSE. The paper (CIFAR-10, VGG11, B=256) escapes at
+eta >~ 500 and uses eta = 1e4: the student's representation first collapses (effective
+rank to single digits, probe accuracy drops), then recovers above the teacher's.
+
+\b
+Start here:
+  escapelab run                      the embedded default (digits, ~30 s on a CPU)
+  escapelab run --preset cifar10-vgg11  the paper's setup (needs CIFAR-10 and a GPU)
+  escapelab config --keys            every config key, its default and advice
+"""
+
+
+@click.group(help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"],
+                                               "max_content_width": 100})
+@click.version_option(package_name="escapelab")
+def cli() -> None:
+    pass
+
+
+@cli.command(help=f"""Run the escape experiment and write a run directory.
+
+Trains a student away from its random teacher, probing the encoder on a log-spaced
+then regular schedule, and saves checkpoints T (teacher), C (collapse) and S (final).
+Defaults to the `digits` preset: eta 3e4, B 64, 3000 steps, N-MSE (on digits the
+collapse-and-recovery shows at eta 1e4-3e4; eta <= 100 stays at the teacher; plain
+MSE at 1e4 diverges). The paper's run is `--preset cifar10-vgg11`.
+{OVERRIDES_HELP}""")
+@click.option("--preset", default="digits", show_default=True,
+              help="Preset name (digits, cifar10-vgg11) or a YAML file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: runs/<preset>-<time>-s<seed>).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
+              help="Continue an interrupted run directory (its own config is used).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.argument("overrides", nargs=-1)
+def run(preset: str, out: Path | None, resume_dir: Path | None, overwrite: bool, quiet: bool,
+        overrides: tuple[str, ...]) -> None:
+    from escapelab import train as training
+    from escapelab.config import load_config
+
+    if resume_dir is not None:
+        if overrides or out is not None:
+            raise EscapelabError("--resume continues a run with its saved config; drop "
+                                 "--out and the overrides")
+        with _progress_bar(quiet) as progress:
+            summary = training.resume(resume_dir, progress=progress)
+        _print_summary(summary, resume_dir)
+        return
+    cfg = load_config(preset, overrides)
+    if out is None:
+        out = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
+    click.echo(f"escapelab: {cfg.name}, {cfg.model.name} on {cfg.data.name}, "
+               f"{cfg.loss.name}, eta {cfg.optim.lr:g}, batch {cfg.data.batch_size}, "
+               f"seed {cfg.seed} -> {out}", err=True)
+    with _progress_bar(quiet) as progress:
+        summary = training.train(cfg, out, overwrite=overwrite, progress=progress)
+    _print_summary(summary, out)
+
+
+@cli.command(help=f"""Print the resolved config of a preset with overrides (YAML).
+{OVERRIDES_HELP}""")
+@click.option("--preset", default="digits", show_default=True)
+@click.option("--keys", is_flag=True, help="List every key with its default and advice.")
+@click.argument("overrides", nargs=-1)
+def config(preset: str, keys: bool, overrides: tuple[str, ...]) -> None:
+    from escapelab.config import describe_keys, dump_yaml, load_config
+
+    if keys:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("key", "default", "meaning", show_lines=False, box=None)
+        for key, default, text in describe_keys():
+            table.add_row(key, default, text)
+        Console(width=140).print(table)
+        return
+    click.echo(dump_yaml(load_config(preset, overrides)), nl=False)
+
+
+@cli.command(help="List the presets shipped with escapelab.")
+def presets() -> None:
+    from escapelab.config import load_config, preset_names
+
+    for name in preset_names():
+        cfg = load_config(name)
+        click.echo(f"{name:16s} {cfg.model.name} on {cfg.data.name}, {cfg.loss.name}, "
+                   f"eta {cfg.optim.lr:g}, batch {cfg.data.batch_size}")
+
+
+class _progress_bar:
+    """A rich progress bar on stderr fed by the training loop's progress callback."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __enter__(self) -> Any:
+        if self.quiet:
+            return None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=Console(stderr=True))
+        self.bar.__enter__()
+        self.task = self.bar.add_task("train", total=None, info="")
+        return self.update
+
+    def update(self, step: int, total: int, info: dict[str, Any]) -> None:
+        probe = info.get("probe_acc")
+        text = (f"loss {info['loss']:.2e}  |grad| {info['grad_norm']:.2e}  "
+                f"probe {probe:.3f}" if probe is not None else
+                f"loss {info['loss']:.2e}  |grad| {info['grad_norm']:.2e}")
+        self.bar.update(self.task, completed=step, total=total, info=text)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.2f}%"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = summary
+    table = Table(title=f"escapelab run: {s['status']}"
+                  + (f" ({s['reason']})" if s.get("reason") else ""), box=None)
+    table.add_column("", style="bold")
+    for col in ("teacher T", "collapse C", "final S"):
+        table.add_column(col, justify="right")
+    table.add_row("probe accuracy", _fmt(s["teacher_probe_acc"], True),
+                  _fmt(s["probe_acc_collapse"], True), _fmt(s["final_probe_acc"], True))
+    table.add_row("effective rank", _fmt(s["erank_teacher"]), _fmt(s["erank_collapse"]),
+                  _fmt(s["erank_final"]))
+    table.add_row("dead units", _fmt(s["dead_frac_teacher"], True),
+                  _fmt(s["dead_frac_collapse"], True), _fmt(s["dead_frac_final"], True))
+    table.add_row("step", "-", _fmt(s["collapse_step"]), _fmt(s["steps_completed"]))
+    console = Console()
+    console.print(table)
+    gain = s.get("gain")
+    console.print(f"escape step {_fmt(s['escape_step'])}; lowest probe accuracy "
+                  f"{_fmt(s['min_probe_acc'], True)} at step {_fmt(s['min_probe_acc_step'])}; "
+                  f"gain over the teacher {_fmt(gain * 100 if gain is not None else None)} "
+                  f"points; {s['wall_s']:.1f} s")
+    console.print(f"run directory: {out}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EscapelabError as exc:
+        click.echo(f"escapelab: error: {exc}", err=True)
+        sys.exit(130 if type(exc).__name__ == "RunInterrupted" else 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from escapelab.config import load_config
+from escapelab.errors import RunDirError
+from escapelab.store import RunDir, read_jsonl
+from escapelab.train import RunInterrupted, accumulate_gradient, build, resume, train
+
+
+def _strip_wall(records):
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+
+def test_full_batch_step_equals_one_step_on_the_whole_batch(tiny_config):
+    cfg = tiny_config(**{"data.batch_size": "full"})
+    s = build(cfg)
+    idx = torch.arange(len(s.data.y_train))
+    # Escape away from the teacher first so that gradients are not ~0.
+    with torch.no_grad():
+        for p in s.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    whole = accumulate_gradient(s.student, s.data.x_train, idx, s.targets, s.teacher,
+                                s.loss_fn, micro_batch=len(idx))
+    g_whole = [p.grad.clone() for p in s.student.parameters()]
+    parts = accumulate_gradient(s.student, s.data.x_train, idx, s.targets, s.teacher,
+                                s.loss_fn, micro_batch=37)  # uneven micro-batches
+    for a, p in zip(g_whole, s.student.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=0)
+    # And the mean gradient itself, against an explicit float64 per-sample average.
+    model64 = s.student.double()
+    targets64 = s.teacher.double()(s.data.x_train.double()).detach()
+    ref = [torch.zeros_like(p) for p in model64.parameters()]
+    for i in range(0, len(idx), 60):
+        model64.zero_grad()
+        out = model64(s.data.x_train[i:i + 60].double())
+        (s.loss_fn(out, targets64[i:i + 60]) * 60 / len(idx)).backward()
+        ref = [r + p.grad for r, p in zip(ref, model64.parameters(), strict=True)]
+    for r, a in zip(ref, g_whole, strict=True):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-8)
+
+
+def test_micro_batched_run_follows_the_same_trajectory(tiny_config, tmp_path):
+    # Away from float32 rounding level (a visible offset), micro-batching changes nothing.
+    common = {"train.steps": 8, "init.sigma_eps": 1e-2, "optim.lr": 300}
+    a = train(tiny_config(**common), tmp_path / "a")
+    b = train(tiny_config(**common, **{"data.micro_batch_size": 10}), tmp_path / "b")
+    la = read_jsonl(tmp_path / "a/metrics/steps.jsonl")
+    lb = read_jsonl(tmp_path / "b/metrics/steps.jsonl")
+    np.testing.assert_allclose([r["loss"] for r in lb], [r["loss"] for r in la], rtol=1e-4)
+    np.testing.assert_allclose([r["grad_norm"] for r in lb], [r["grad_norm"] for r in la],
+                               rtol=1e-4)
+    assert a["status"] == b["status"] == "completed"
+
+
+def test_same_seed_gives_identical_metrics(tiny_config, tmp_path):
+    cfg = tiny_config(**{"optim.lr": 3e4})
+    train(cfg, tmp_path / "a")
+    train(cfg, tmp_path / "b")
+    for name in ("metrics/steps.jsonl", "metrics/evals.jsonl"):
+        a = _strip_wall(read_jsonl(tmp_path / "a" / name))
+        b = _strip_wall(read_jsonl(tmp_path / "b" / name))
+        assert a == b and len(a) > 5
+    other = tiny_config(**{"optim.lr": 3e4, "seed": 1})
+    train(other, tmp_path / "c")
+    assert (read_jsonl(tmp_path / "a/metrics/steps.jsonl")
+            != read_jsonl(tmp_path / "c/metrics/steps.jsonl"))
+
+
+def test_run_directory_contents(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    summary = train(tiny_config(**{"checkpoint.steps": "[0,5]"}), out)
+    for name in ("config.yaml", "derived.json", "environment.json", "init.json",
+                 "status.json", "summary.json", "metrics/steps.jsonl", "metrics/evals.jsonl"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text()) == summary
+    names = RunDir(out).checkpoint_names()
+    assert {"T", "S", "step_0", "step_5"} <= set(names)
+    assert not (out / "checkpoints/last.safetensors").exists()
+    steps = read_jsonl(out / "metrics/steps.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, 61))
+    assert set(steps[0]) == {"step", "lr", "loss", "grad_norm", "dist_teacher"}
+    evals = read_jsonl(out / "metrics/evals.jsonl")
+    assert evals[0]["model"] == "teacher"
+    for key in ("status", "teacher_probe_acc", "final_probe_acc", "min_probe_acc",
+                "min_probe_acc_step", "escape_step", "collapse_step", "erank_teacher",
+                "erank_collapse", "erank_final", "dead_frac_teacher", "dead_frac_collapse",
+                "dead_frac_final", "wall_s"):
+        assert key in summary
+    for key in ("teacher_probe_acc", "final_probe_acc", "min_probe_acc"):
+        assert 0.0 <= summary[key] <= 1.0
+    # The saved S checkpoint reproduces the final evaluation.
+    cfg = tiny_config(**{"checkpoint.steps": "[0,5]"})
+    s = build(cfg)
+    tensors, meta = RunDir(out).load_checkpoint("S")
+    s.student.load_state_dict(tensors)
+    assert meta["step"] == 60
+    assert s.evaluator(s.student)["probe_acc"] == summary["final_probe_acc"]
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(cfg, out)
+
+
+def test_escape_and_collapse_are_found(tiny_config, tmp_path):
+    # On this tiny net a 1e-10 offset rounds away entirely in float32; use 1e-6.
+    summary = train(tiny_config(**{"optim.lr": 3e4, "train.steps": 40,
+                                   "init.sigma_eps": 1e-6}), tmp_path / "r")
+    steps = read_jsonl(tmp_path / "r/metrics/steps.jsonl")
+    first = next(r["step"] for r in steps if r["loss"] > 1e-8)
+    assert summary["escape_step"] == first
+    evals = [r for r in read_jsonl(tmp_path / "r/metrics/evals.jsonl")
+             if r["model"] == "student" and r["step"] >= first]
+    lowest = min(evals, key=lambda r: r["erank"])
+    assert summary["collapse_step"] == lowest["step"]
+    assert summary["erank_collapse"] == lowest["erank"]
+    _, meta = RunDir(tmp_path / "r").load_checkpoint("C")
+    assert meta["step"] == lowest["step"]
+
+
+def test_mse_at_huge_step_size_diverges_with_a_complete_run_directory(tmp_path):
+    cfg = load_config("digits", ["optim.lr=1e4", "loss.name=mse", "train.steps=200"])
+    summary = train(cfg, tmp_path / "r")
+    assert summary["status"] == "diverged" and "non-finite" in summary["reason"]
+    steps = read_jsonl(tmp_path / "r/metrics/steps.jsonl")
+    assert steps[-1]["step"] < 200 and steps[-1]["loss"] is None or \
+        steps[-1]["grad_norm"] is None
+    assert all(r["loss"] is not None for r in steps[:-1])
+    assert summary["steps_completed"] == steps[-1]["step"] - 1
+    assert RunDir(tmp_path / "r").status()["status"] == "diverged"
+    _, meta = RunDir(tmp_path / "r").load_checkpoint("S")
+    assert meta["step"] == summary["steps_completed"] and meta["kind"] == "last_finite"
+    assert summary["teacher_probe_acc"] is not None
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
+    cfg = tiny_config(**{"checkpoint.every": 20, "optim.lr": 3e4})
+    reference = train(cfg, tmp_path / "ref")
+
+    def interrupt(step, total, info):
+        if step == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted, match="--resume"):
+        train(cfg, tmp_path / "cut", progress=interrupt)
+    run = RunDir(tmp_path / "cut")
+    assert not run.finished and run.status()["status"] == "interrupted"
+    assert run.status()["step"] == 30  # the signal came during step 30: stops after it
+    resumed = resume(tmp_path / "cut")
+    for key in ("final_probe_acc", "escape_step", "collapse_step", "erank_final"):
+        assert resumed[key] == reference[key]
+    for name in ("metrics/steps.jsonl", "metrics/evals.jsonl"):
+        assert (_strip_wall(read_jsonl(tmp_path / "cut" / name))
+                == _strip_wall(read_jsonl(tmp_path / "ref" / name)))
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        resume(tmp_path / "cut")
+
+
+def test_momentum_state_survives_resume(tiny_config, tmp_path):
+    cfg = tiny_config(**{"checkpoint.every": 20, "optim.lr": 10, "optim.momentum": 0.9,
+                         "loss.name": "ce"})
+    train(cfg, tmp_path / "ref")
+
+    def interrupt(step, total, info):
+        if step == 25:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted):
+        train(cfg, tmp_path / "cut", progress=interrupt)
+    resume(tmp_path / "cut")
+    assert (read_jsonl(tmp_path / "cut/metrics/steps.jsonl")
+            == read_jsonl(tmp_path / "ref/metrics/steps.jsonl"))
