@@ -175,3 +175,35 @@ def test_momentum_state_survives_resume(tiny_config, tmp_path):
     resume(tmp_path / "cut")
     assert (read_jsonl(tmp_path / "cut/metrics/steps.jsonl")
             == read_jsonl(tmp_path / "ref/metrics/steps.jsonl"))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss.name": "mse", "optim.lr": 1.0},
+    {"loss.name": "ndmse", "schedule.name": "linear_warmup", "schedule.warmup_steps": 20},
+    {"loss.name": "dino", "optim.lr": 10, "schedule.name": "cosine_warmup",
+     "schedule.warmup_steps": 10},
+    {"loss.name": "onehot_mse", "optim.lr": 0.1, "data.batch_size": "full"},
+    {"model.name": "mlp", "model.batch_norm": False, "optim.weight_decay": 1e-4},
+    {"model.batch_norm": True, "data.micro_batch_size": 16},
+    {"schedule.name": "exponential", "schedule.start_lr": 1e-3, "optim.lr": 1e3},
+    {"train.steps": "null", "train.epochs": 2},
+])
+def test_configurations_run_to_completion(tiny_config, tmp_path, overrides):
+    summary = train(tiny_config(**overrides), tmp_path / "r")
+    assert summary["status"] in ("completed", "diverged")
+    steps = read_jsonl(tmp_path / "r/metrics/steps.jsonl")
+    assert len(steps) == summary["steps_completed"] + (summary["status"] == "diverged")
+    if overrides.get("schedule.name") == "exponential":
+        assert steps[0]["lr"] == pytest.approx(1e-3) and steps[-1]["lr"] == pytest.approx(1e3)
+    if "train.epochs" in overrides:
+        assert summary["total_steps"] == 2 * (240 // 32)
+
+
+def test_float64_run_realizes_the_offset(tiny_config, tmp_path):
+    cfg = tiny_config(**{"dtype": "float64", "init.sigma_eps": 1e-10, "train.steps": 5})
+    summary = train(cfg, tmp_path / "r")
+    init = json.loads((tmp_path / "r/init.json").read_text())
+    assert init["offset_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["loss_init"] > 0
+    tensors, _ = RunDir(tmp_path / "r").load_checkpoint("S")
+    assert all(t.dtype == torch.float64 for t in tensors.values())

@@ -69,31 +69,35 @@ def setup_torch(cfg: Config) -> torch.device:
 
 
 class BatchSampler:
-    """Batches without replacement, reshuffled each epoch; the full batch is fixed."""
+    """Batches without replacement, reshuffled each epoch; the full batch is fixed.
+
+    The permutation is drawn on the CPU (the same order on every device) and moved to
+    the device once per epoch, so a step does no host work.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
         self.n, self.batch_size, self.device = n, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
-        self.perm = torch.arange(n)
-        self.pos = n  # forces a shuffle on the first call
+        self.perm = torch.arange(n, device=device)
+        self.pos = 0 if batch_size >= n else n  # a shuffle on the first call
 
     def next(self) -> Tensor:
         if self.batch_size >= self.n:
-            return self.perm.to(self.device)
+            return self.perm
         if self.pos + self.batch_size > self.n:  # drop the incomplete last batch
-            self.perm = torch.randperm(self.n, generator=self.generator)
+            self.perm = torch.randperm(self.n, generator=self.generator).to(self.device)
             self.pos = 0
         idx = self.perm[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
-        return idx.to(self.device)
+        return idx
 
     def state(self) -> dict[str, Tensor]:
-        return {"sampler.rng": self.generator.get_state(), "sampler.perm": self.perm.clone(),
+        return {"sampler.rng": self.generator.get_state(), "sampler.perm": self.perm.cpu(),
                 "sampler.pos": torch.tensor([self.pos])}
 
     def load(self, state: dict[str, Tensor]) -> None:
         self.generator.set_state(state["sampler.rng"])
-        self.perm = state["sampler.perm"].clone()
+        self.perm = state["sampler.perm"].to(self.device)
         self.pos = int(state["sampler.pos"][0])
 
 
