@@ -152,3 +152,25 @@ def test_missing_cifar_says_where_to_put_it(tmp_path, monkeypatch):
     text = str(info.value)
     assert "cifar-10-python.tar.gz" in text and "nowhere" in text
     assert "c58f30108f718f92721af3b95e74349a" in text
+
+
+def test_download_is_md5_checked(tmp_path, monkeypatch):
+    import dataclasses
+
+    from escapelab import data as data_module
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    _write_cifar10(mirror)
+    archive = mirror / "cifar-10-python.tar.gz"
+    spec = data_module.CIFAR_SPECS["cifar10"]
+    monkeypatch.setattr(type(spec), "url", property(lambda self: archive.as_uri()))
+    root = tmp_path / "data"
+    with pytest.raises(DataError, match="expected c58f30108f718f92721af3b95e74349a"):
+        load_dataset(DataConfig(name="cifar10", root=str(root)))
+    assert not list(root.glob("*"))  # a bad download leaves nothing behind
+    good = dataclasses.replace(spec, md5=data_module._md5(archive))
+    monkeypatch.setitem(data_module.CIFAR_SPECS, "cifar10", good)
+    ds = load_dataset(DataConfig(name="cifar10", root=str(root)))
+    assert ds.x_train.shape == (60, 3, 32, 32)
+    assert (root / "cifar-10-python.tar.gz").is_file()

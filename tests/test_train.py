@@ -124,12 +124,12 @@ def test_escape_and_collapse_are_found(tiny_config, tmp_path):
 
 
 def test_mse_at_huge_step_size_diverges_with_a_complete_run_directory(tmp_path):
-    cfg = load_config("digits", ["optim.lr=1e4", "loss.name=mse", "train.steps=200"])
+    cfg = load_config("digits", ["optim.lr=1e4", "loss.name=mse"])
     summary = train(cfg, tmp_path / "r")
     assert summary["status"] == "diverged" and "non-finite" in summary["reason"]
     steps = read_jsonl(tmp_path / "r/metrics/steps.jsonl")
-    assert steps[-1]["step"] < 200 and steps[-1]["loss"] is None or \
-        steps[-1]["grad_norm"] is None
+    assert steps[-1]["step"] < 3000
+    assert steps[-1]["loss"] is None or steps[-1]["grad_norm"] is None
     assert all(r["loss"] is not None for r in steps[:-1])
     assert summary["steps_completed"] == steps[-1]["step"] - 1
     assert RunDir(tmp_path / "r").status()["status"] == "diverged"

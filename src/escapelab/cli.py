@@ -197,8 +197,8 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("escapelab: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()

@@ -35,7 +35,7 @@ from escapelab.losses import LossFn, make_loss
 from escapelab.models import EscapeNet, build_model
 from escapelab.probe import Evaluator, extract
 from escapelab.schedules import lr_at
-from escapelab.store import EVALS_FILE, STEPS_FILE, RunDir
+from escapelab.store import EVALS_FILE, STEPS_FILE, RunDir, environment
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 
@@ -235,7 +235,7 @@ def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
     run = RunDir.create(out, overwrite=overwrite)
     run.write_text("config.yaml", dump_yaml(cfg))
     run.write_json("derived.json", setup.derived.model_dump(mode="json"))
-    run.write_json("environment.json", _environment(setup.device))
+    run.write_json("environment.json", environment(setup.device))
     run.write_json("init.json", offset_stats(setup.teacher, setup.student, setup.template,
                                              cfg.init, setup.derived.student_seed))
     teacher_record = {"model": "teacher", "step": 0, **setup.evaluator(setup.teacher)}
@@ -271,12 +271,6 @@ def resume(out: Path | str, progress: Progress | None = None) -> dict[str, Any]:
     run.truncate_jsonl(EVALS_FILE, lambda r: r["model"] == "teacher" or r["step"] <= step)
     tracker = Tracker(**meta["tracker"])
     return _loop(run, setup, start=step, tracker=tracker, progress=progress, state=tensors)
-
-
-def _environment(device: torch.device) -> dict[str, Any]:
-    from escapelab.store import environment
-
-    return environment(device)
 
 
 def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Progress | None,
