@@ -1,37 +1,141 @@
+"""Every metric against an independent float64 NumPy reference (full SVD, explicit
+covariance matrices, pinv) and closed forms."""
+
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
-from escapelab.metrics import dead_units, effective_rank, singular_values
+from escapelab.metrics import (
+    condition_number,
+    dead_units,
+    effective_rank,
+    fisher_separability,
+    kmeans_labels,
+    layer_summary,
+    singular_values,
+)
+
+EPS = np.finfo(np.float64).eps
+RTOL = 1e-8  # the documented pseudo-inverse tolerance
 
 
-def _erank_reference(x):
-    s = np.linalg.svd(np.asarray(x, dtype=np.float64), compute_uv=False)
+# -- independent references ---------------------------------------------------------------
+
+def ref_singular_values(x, center=False):
+    x = np.asarray(x, dtype=np.float64)
+    if center:
+        x = x - x.mean(axis=0)
+    s = np.linalg.svd(x, compute_uv=False)
+    # The documented resolution of a Gram-based spectrum: below sqrt(max(n,d) eps) s_max
+    # a singular value counts as zero.
+    if s.size:
+        s[s <= math.sqrt(max(x.shape) * EPS) * s[0]] = 0.0
+    return s
+
+
+def ref_erank(x, center=False):
+    s = ref_singular_values(x, center)
+    if s.sum() == 0:
+        return 0.0
     p = s[s > 0] / s.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-@pytest.mark.parametrize("shape", [(50, 8), (8, 50), (30, 30)])
-def test_effective_rank_matches_numpy_svd(shape):
-    x = np.random.default_rng(1).standard_normal(shape)
-    assert effective_rank(x) == pytest.approx(_erank_reference(x), rel=1e-9)
-    assert effective_rank(torch.tensor(x, dtype=torch.float32)) == pytest.approx(
-        _erank_reference(x), rel=1e-5)
-    np.testing.assert_allclose(singular_values(x).numpy(),
-                               np.linalg.svd(x, compute_uv=False), rtol=1e-9)
+def ref_condition(x, mass=0.999, center=False):
+    s = ref_singular_values(x, center)
+    if s.sum() == 0:
+        return math.inf
+    cum = np.cumsum(s / s.sum())
+    k = int(np.argmax(cum >= mass)) if (cum >= mass).any() else len(s) - 1
+    return float(s[0] / s[k])
 
 
-def test_effective_rank_closed_forms():
+def ref_fisher(x, y):
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    mu = x.mean(axis=0)
+    st_ = (x - mu).T @ (x - mu) / n
+    sb = np.zeros((d, d))
+    sw = np.zeros((d, d))
+    for c in np.unique(y):
+        xc = x[y == c]
+        mc = xc.mean(axis=0)
+        sb += len(xc) * np.outer(mc - mu, mc - mu) / n
+        sw += (xc - mc).T @ (xc - mc) / n
+    disc = np.trace(np.linalg.pinv(sw, rtol=RTOL, hermitian=True) @ sb)
+    return {"tr_between": np.trace(sb), "tr_within": np.trace(sw), "tr_total": np.trace(st_),
+            "discriminant": disc}, sw
+
+
+def close(a, b, rel=1e-6, abs_=1e-12):
+    return a == pytest.approx(b, rel=rel, abs=abs_)
+
+
+# -- closed forms ---------------------------------------------------------------------------
+
+def test_closed_forms():
     assert effective_rank(np.eye(7)) == pytest.approx(7.0)
+    assert condition_number(np.eye(7)) == pytest.approx(1.0)
     u = np.random.default_rng(0).standard_normal((20, 1))
-    assert effective_rank(u @ u.T[:, :5]) == pytest.approx(1.0)
-    assert effective_rank(np.zeros((4, 3))) == 0.0
-    # Known spectrum: singular values 3, 1 -> p = (3/4, 1/4).
-    x = np.diag([3.0, 1.0])
+    rank_one = u @ np.arange(1.0, 6.0)[None]
+    assert effective_rank(rank_one) == pytest.approx(1.0)
+    assert condition_number(rank_one) == pytest.approx(1.0)
+    # Known spectrum: singular values 3 and 1 -> p = (3/4, 1/4).
     p = np.array([0.75, 0.25])
-    assert effective_rank(x) == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert effective_rank(np.diag([3.0, 1.0])) == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    # Singular values 6, 3, 1 (p = .6, .3, .1): 99.9% is reached only at the last one.
+    x = np.diag([6.0, 3.0, 1.0])
+    assert condition_number(x) == pytest.approx(6.0)
+    assert condition_number(x, mass=0.85) == pytest.approx(2.0)
+    assert condition_number(x, mass=0.5) == pytest.approx(1.0)
+
+
+def test_fisher_closed_form():
+    # Two classes centred at (-1, 0) and (1, 0), each the four corners (+-0.5, +-0.5)
+    # around its centre: Sigma_w = diag(.25, .25), Sigma_b = diag(1, 0).
+    corners = np.array([[0.5, 0.5], [0.5, -0.5], [-0.5, 0.5], [-0.5, -0.5]])
+    x = np.concatenate([corners + [-1.0, 0.0], corners + [1.0, 0.0]])
+    y = np.array([0] * 4 + [1] * 4)
+    f = fisher_separability(x, y)
+    assert f["tr_between"] == pytest.approx(1.0)  # means at +-1: variance 1
+    assert f["tr_within"] == pytest.approx(0.5)  # 0.25 per axis
+    assert f["tr_total"] == pytest.approx(1.5)
+    assert f["discriminant"] == pytest.approx(1.0 / 0.25)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0)])
+def test_empty_inputs(shape):
+    x = np.zeros(shape)
+    assert effective_rank(x) == 0.0 and dead_units(x) == shape[1]
+    assert condition_number(x) == math.inf
+
+
+def test_degenerate_inputs_are_defined():
+    zero = np.zeros((6, 4))
+    assert effective_rank(zero) == 0.0 and condition_number(zero) == math.inf
+    assert dead_units(zero) == 4
+    f = fisher_separability(zero, [0, 0, 1, 1, 2, 2])
+    assert f == {"tr_between": 0.0, "tr_within": 0.0, "tr_total": 0.0, "discriminant": 0.0}
+    wide_zero = np.zeros((3, 40))
+    assert fisher_separability(wide_zero, [0, 1, 1])["discriminant"] == 0.0
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    single = fisher_separability(x, [4] * 5)  # one class: nothing between
+    assert single["tr_between"] == pytest.approx(0.0, abs=1e-12)
+    assert single["discriminant"] == pytest.approx(0.0, abs=1e-12)
+    singletons = fisher_separability(x, [0, 1, 2, 3, 4])  # one sample per class
+    assert singletons["tr_within"] == pytest.approx(0.0, abs=1e-12)
+    assert singletons["discriminant"] == 0.0
+    one_row = np.array([[1.0, 2.0, 0.0]])
+    assert effective_rank(one_row) == pytest.approx(1.0) and dead_units(one_row) == 1
+    for value in fisher_separability(one_row, [0]).values():
+        assert math.isfinite(value)
 
 
 def test_dead_units_counts_all_zero_columns():
@@ -39,4 +143,136 @@ def test_dead_units_counts_all_zero_columns():
     x[:, [1, 4]] = 0.0
     x[3, 2] = 0.0  # zero on one sample only: alive
     assert dead_units(x) == 2
-    assert dead_units(torch.tensor(x)) == 2
+    assert dead_units(torch.tensor(x, dtype=torch.float32)) == 2
+
+
+# -- against the reference ------------------------------------------------------------------
+
+def _check_all(x, y, center=False):
+    s_ref = ref_singular_values(x, center)
+    s = singular_values(x, center).numpy()
+    np.testing.assert_allclose(s, s_ref, rtol=1e-6, atol=1e-7 * (s_ref[0] if s_ref.size else 1))
+    assert close(effective_rank(x, center), ref_erank(x, center))
+    assert close(condition_number(x, center=center), ref_condition(x, center=center))
+    assert dead_units(x) == int((np.asarray(x) == 0).all(axis=0).sum())
+    want, _ = ref_fisher(x, y)
+    got = fisher_separability(x, y)
+    for key in want:
+        scale = max(abs(want["tr_total"]), 1e-300) if key != "discriminant" else 1.0
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-10 * scale), key
+    summary = layer_summary(x, y, center=center)
+    assert summary["erank"] == pytest.approx(effective_rank(x, center))
+    assert summary["discriminant"] == pytest.approx(got["discriminant"])
+
+
+@pytest.mark.parametrize("shape", [(50, 8), (8, 50), (30, 30), (200, 3), (3, 200)])
+@pytest.mark.parametrize("center", [False, True])
+def test_random_matrices(shape, center):
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape) * rng.uniform(0.1, 10, size=shape[1])
+    _check_all(x, rng.integers(0, 4, shape[0]), center)
+
+
+@pytest.mark.parametrize("shape", [(60, 20), (20, 60)])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_low_rank_matrices(shape, rank):
+    rng = np.random.default_rng(rank)
+    x = rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))
+    _check_all(x, rng.integers(0, 3, shape[0]))
+    assert effective_rank(x) <= rank + 1e-9
+
+
+def test_structured_matrices():
+    rng = np.random.default_rng(3)
+    relu = np.maximum(rng.standard_normal((40, 30)) - 0.8, 0.0)  # sparse, dead columns
+    relu[:, :5] = 0.0
+    _check_all(relu, np.arange(40) % 5)
+    repeated = np.repeat(rng.standard_normal((4, 12)), 10, axis=0)  # 4 distinct rows
+    _check_all(repeated, np.arange(40) % 4)
+    assert effective_rank(repeated) <= 4 + 1e-9
+    onehot = np.eye(10)[rng.integers(0, 10, 50)]
+    _check_all(onehot, rng.integers(0, 2, 50))
+    offset = rng.standard_normal((30, 6)) * 1e-3 + 1e3  # large mean, small spread
+    _check_all(offset, np.arange(30) % 3, center=True)
+    _check_all(offset, np.arange(30) % 3, center=False)
+
+
+def test_wide_layer_separability_lives_in_the_span():
+    # d >> n: the kernel route, against the explicit d x d computation.
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.standard_normal((24, 500)), 0)
+    y = np.arange(24) % 4
+    want, _ = ref_fisher(x, y)
+    got = fisher_separability(x, y)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-6)
+
+
+def test_float32_and_torch_inputs():
+    x = np.random.default_rng(1).standard_normal((40, 10)).astype(np.float32)
+    y = np.arange(40) % 2
+    want, _ = ref_fisher(x.astype(np.float64), y)
+    assert fisher_separability(torch.tensor(x), y)["discriminant"] == pytest.approx(
+        want["discriminant"], rel=1e-6)
+    assert effective_rank(torch.tensor(x)) == pytest.approx(ref_erank(x), rel=1e-6)
+
+
+matrices = st.tuples(st.integers(1, 24), st.integers(1, 24)).flatmap(
+    lambda shape: arrays(np.float64, shape,
+                         elements=st.sampled_from([0.0, 0.0, 1.0, -1.0, 2.0, -3.0, 0.5, 7.0])
+                         | st.floats(-50, 50, allow_nan=False, width=32)))
+
+
+def _unambiguous(x, y):
+    """Skip inputs whose answer sits on a documented threshold (eigenvalues of Sigma_w or
+    singular values within a factor 100 of the cut-off)."""
+    s = np.linalg.svd(x, compute_uv=False)
+    if s.size and s[0] > 0:
+        rel = s / s[0]
+        cut = math.sqrt(max(x.shape) * EPS)
+        if np.any((rel > cut / 100) & (rel < cut * 100)):
+            return False
+        cum = np.cumsum(s / s.sum())
+        if np.any(np.abs(cum - 0.999) < 1e-9):
+            return False
+    want, sw = ref_fisher(x, y)
+    lam = np.linalg.eigvalsh(sw)
+    if lam.size and lam.max() > 0:
+        rel = lam / lam.max()
+        if np.any((rel > RTOL / 100) & (rel < RTOL * 100)):
+            return False
+        # ... or at float64 rounding level of the total scatter.
+        floor = max(x.shape) * EPS * want["tr_total"]
+        if np.any((lam > floor / 1e3) & (lam < floor * 1e3)):
+            return False
+    return True
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=matrices, data=st.data())
+def test_property_based_against_numpy(x, data):
+    y = np.array(data.draw(st.lists(st.integers(0, 3), min_size=len(x), max_size=len(x))))
+    assume(_unambiguous(x, y))
+    _check_all(x, y)
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=matrices)
+def test_property_invariants(x):
+    erank = effective_rank(x)
+    rank = np.linalg.matrix_rank(x) if x.size else 0
+    assert 0.0 <= erank <= rank + 1e-6
+    f = fisher_separability(x, np.arange(len(x)) % 2)
+    assert f["tr_total"] == pytest.approx(f["tr_between"] + f["tr_within"], rel=1e-9, abs=1e-9)
+    assert f["discriminant"] >= 0 and math.isfinite(f["discriminant"])
+    assert condition_number(x) >= 1.0 or condition_number(x) == math.inf
+
+
+def test_kmeans_labels_recover_clusters():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((3, 5)) * 10
+    y = np.arange(90) % 3
+    x = centers[y] + rng.standard_normal((90, 5)) * 0.1
+    labels = kmeans_labels(x, 3, seed=0)
+    # Same partition up to renaming.
+    assert len({(a, b) for a, b in zip(labels, y, strict=True)}) == 3

@@ -1,54 +1,212 @@
-"""Representation metrics as pure functions of a feature matrix.
+"""Representation metrics as pure functions of a feature matrix (paper Sec. 3).
 
-Conventions: ``X`` has shape (n samples, d features) (the paper writes its transpose,
-X in R^{d x n}); it may be a torch tensor or a NumPy array, on any device. Spectra are
-computed in float64 from the smaller Gram matrix (n x n or d x d), never from an SVD of
-a large n x d matrix.
+Conventions
+-----------
+``X`` has shape (n samples, d features): the paper's X^(l) in R^{d x n}, transposed. It
+may be a torch tensor (any device, any float dtype) or a NumPy array. ``labels`` is an
+integer vector of length n.
+
+How it is computed
+------------------
+Everything is derived in float64 from the *smaller* Gram matrix of the exactly
+centered data: the d x d matrix (X - mu)^T (X - mu) when d <= n, or the n x n matrix
+(X - mu)(X - mu)^T when d > n, each accumulated chunk by chunk so that no float64 copy
+of X and no SVD of X is ever formed. The uncentered Gram follows from it by a rank-one
+(d <= n) or rank-two (d > n) correction. When d > n, separability is computed in the
+span of the data (kernel form), so no d x d matrix of a wide layer is ever formed.
+
+Precision: singular values come from Gram eigenvalues, so values below
+sqrt(max(n, d) * eps) * sigma_max (~1e-7 relative) are not resolved and count as zero;
+eigenvalues below max(n, d) * eps * lambda_max are set to zero.
+
+Degenerate inputs give defined values: an all-zero X has effective rank 0, condition
+number inf and all separability figures 0; a rank-one X has effective rank 1 and
+condition number 1; a single class has zero between-class variance and discriminant 0.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 ArrayLike = Tensor | np.ndarray
+CHUNK_BYTES = 1 << 27  # 128 MiB of float64 per chunk
+PINV_RTOL = 1e-8
 
 
 def _as_tensor(X: ArrayLike) -> Tensor:
     t = torch.as_tensor(X)
     if t.ndim != 2:
         raise ValueError(f"expected a (n, d) feature matrix, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
     return t
 
 
-def singular_values(X: ArrayLike, center: bool = False) -> Tensor:
-    """Singular values (min(n, d),) of X in float64, descending.
+def _eigh(matrix: Tensor, vectors: bool) -> tuple[Tensor, Tensor | None]:
+    """Symmetric eigendecomposition (ascending); falls back to the CPU if a GPU routine
+    fails (GPU solvers can fail to converge on ill-conditioned matrices)."""
+    try:
+        if vectors:
+            values, vecs = torch.linalg.eigh(matrix)
+            return values, vecs
+        return torch.linalg.eigvalsh(matrix), None
+    except (RuntimeError, torch.linalg.LinAlgError):
+        if matrix.device.type == "cpu":
+            raise
+        values, vecs = _eigh(matrix.cpu(), vectors)
+        return values.to(matrix.device), None if vecs is None else vecs.to(matrix.device)
 
-    Computed as square roots of the eigenvalues of the smaller Gram matrix (X X^T or
-    X^T X), accumulated in float64; eigenvalues below the Gram matrix's rounding level
-    (size * eps * lambda_max) are set to zero.
+
+def _threshold(values: Tensor, size: int) -> Tensor:
+    """Descending, non-negative eigenvalues; those at rounding level set to zero."""
+    values = values.flip(0).clamp_min(0.0)
+    if values.numel() == 0:
+        return values
+    tol = size * torch.finfo(torch.float64).eps * float(values[0])
+    return torch.where(values > tol, values, torch.zeros_like(values))
+
+
+class GramView:
+    """A feature matrix X (n, d) seen through its smaller float64 Gram matrix.
+
+    Computes the column mean mu exactly, then the centered Gram (d x d if d <= n, else
+    n x n) chunk by chunk, plus what the uncentered Gram needs. All metrics of this
+    module are read off it without touching X again, except class sums.
     """
-    t = _as_tensor(X).to(torch.float64)
-    if center:
-        t = t - t.mean(dim=0, keepdim=True)
-    n, d = t.shape
-    if n == 0 or d == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    gram = t @ t.T if n <= d else t.T @ t
-    eig = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
-    tol = max(n, d) * torch.finfo(torch.float64).eps * float(eig[0])
-    eig = torch.where(eig > tol, eig, torch.zeros_like(eig))
-    return eig.sqrt().cpu()
+
+    def __init__(self, X: ArrayLike) -> None:
+        x = _as_tensor(X)
+        self.x = x
+        self.n, self.d = x.shape
+        self.device = x.device
+        f64 = torch.float64
+        self.mean = torch.zeros(self.d, dtype=f64, device=self.device)
+        for rows in self._row_chunks():
+            self.mean += x[rows].to(f64).sum(0)
+        self.mean /= max(self.n, 1)
+        self.by_features = self.d <= self.n
+        if self.by_features:  # G_c = (X - mu)^T (X - mu), d x d
+            self.gram = torch.zeros(self.d, self.d, dtype=f64, device=self.device)
+            for rows in self._row_chunks():
+                xc = x[rows].to(f64) - self.mean
+                self.gram.addmm_(xc.T, xc)
+        else:  # K_c = (X - mu)(X - mu)^T, n x n, and g = (X - mu) mu
+            self.gram = torch.zeros(self.n, self.n, dtype=f64, device=self.device)
+            self.g = torch.zeros(self.n, dtype=f64, device=self.device)
+            for cols in self._col_chunks():
+                xc = x[:, cols].to(f64) - self.mean[cols]
+                self.gram.addmm_(xc, xc.T)
+                self.g += xc @ self.mean[cols]
+
+    def _row_chunks(self) -> list[slice]:
+        step = max(1, CHUNK_BYTES // (8 * max(self.d, 1)))
+        return [slice(i, i + step) for i in range(0, self.n, step)]
+
+    def _col_chunks(self) -> list[slice]:
+        step = max(1, CHUNK_BYTES // (8 * max(self.n, 1)))
+        return [slice(j, j + step) for j in range(0, self.d, step)]
+
+    # -- spectra ------------------------------------------------------------------------
+
+    def gram_eigenvalues(self, center: bool = False) -> Tensor:
+        """Eigenvalues of X^T X (or of the centered one), descending, float64, CPU."""
+        if self.n == 0 or self.d == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        if center:
+            matrix = self.gram
+        elif self.by_features:  # X^T X = G_c + n mu mu^T
+            matrix = self.gram + self.n * torch.outer(self.mean, self.mean)
+        else:  # X X^T = K_c + g 1^T + 1 g^T + |mu|^2 1 1^T
+            ones = torch.ones(self.n, dtype=torch.float64, device=self.device)
+            matrix = (self.gram + torch.outer(self.g, ones) + torch.outer(ones, self.g)
+                      + float(self.mean @ self.mean))
+        values, _ = _eigh(matrix, vectors=False)
+        return _threshold(values, max(self.n, self.d)).cpu()
+
+    def singular_values(self, center: bool = False) -> Tensor:
+        return self.gram_eigenvalues(center).sqrt()
+
+    # -- separability -------------------------------------------------------------------
+
+    def fisher(self, labels: ArrayLike, rtol: float = PINV_RTOL) -> dict[str, float]:
+        """Fisher separability figures; see :func:`fisher_separability`."""
+        y = torch.as_tensor(np.asarray(labels)).to(self.device).long()
+        if y.shape != (self.n,):
+            raise ValueError(f"labels must have shape ({self.n},), got {tuple(y.shape)}")
+        if self.n == 0:
+            return {"tr_between": 0.0, "tr_within": 0.0, "tr_total": 0.0,
+                    "discriminant": 0.0}
+        classes, y = torch.unique(y, return_inverse=True)
+        onehot = torch.nn.functional.one_hot(y, len(classes)).to(torch.float64)  # (n, C)
+        counts = onehot.sum(0)  # (C,)
+        n = float(self.n)
+        if self.by_features:
+            # Class sums of centered features S (C, d); Sigma_b = sum_c S_c S_c^T / (n n_c).
+            sums = torch.zeros(len(classes), self.d, dtype=torch.float64, device=self.device)
+            for rows in self._row_chunks():
+                sums += onehot[rows].T @ (self.x[rows].to(torch.float64) - self.mean)
+            scaled = sums / counts.sqrt()[:, None]  # rows S_c / sqrt(n_c)
+            tr_total = float(self.gram.trace()) / n
+            tr_between = float((scaled * scaled).sum()) / n
+            within = (self.gram - scaled.T @ scaled) / n  # Sigma_w, d x d
+            values, vecs = _eigh(within, vectors=True)
+            assert vecs is not None
+            coords = scaled @ vecs  # (C, d): class-mean directions in Sigma_w's eigenbasis
+            # tr(pinv(Sigma_w) Sigma_b) = sum_c sum_k (v_k . S_c)^2 / (n n_c lambda_k)
+            inv = self._pinv_values(values, rtol, tr_total)
+            discriminant = float(((coords * coords) * inv).sum()) / n
+        else:
+            # Kernel form. With A (n, C), A_c = 1_c / sqrt(n_c): Sigma_b = X_c^T A A^T X_c / n.
+            amat = onehot / counts.sqrt()
+            ka = self.gram @ amat  # K_c A, (n, C)
+            tr_total = float(self.gram.trace()) / n
+            tr_between = float((amat * ka).sum()) / n
+            # K_w = (I - P) K_c (I - P), P = A A^T the class-mean projector.
+            proj = lambda m: m - amat @ (amat.T @ m)  # noqa: E731  (I - P) m
+            kw = proj(proj(self.gram).T)
+            kw = (kw + kw.T) / 2
+            values, vecs = _eigh(kw, vectors=True)
+            assert vecs is not None
+            # pinv(Sigma_w) = n pinv(W^T W) with W = (I - P) X_c, and W^+ = W^T pinv(K_w),
+            # so tr(pinv(Sigma_w) Sigma_b) = || pinv(K_w) (I - P) K_c A ||_F^2.
+            b = vecs.T @ proj(ka)  # (n, C) in K_w's eigenbasis
+            inv = self._pinv_values(values, rtol, tr_total * n)
+            discriminant = float(((b * b) * (inv * inv)[:, None]).sum())
+        tr_within = max(tr_total - tr_between, 0.0)
+        return {"tr_between": tr_between, "tr_within": tr_within, "tr_total": tr_total,
+                "discriminant": discriminant}
+
+    def _pinv_values(self, values: Tensor, rtol: float, total: float) -> Tensor:
+        """1 / lambda for the eigenvalues of Sigma_w (or K_w) kept by the pseudo-inverse,
+        else 0: those above rtol * lambda_max and above the rounding level of the Gram
+        they were computed from (max(n, d) * eps * trace of the total scatter)."""
+        top = float(values.max()) if values.numel() else 0.0
+        floor = max(rtol * top, max(self.n, self.d) * torch.finfo(torch.float64).eps * total)
+        keep = values > floor if top > 0 else torch.zeros_like(values, dtype=torch.bool)
+        return torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)),
+                           torch.zeros_like(values))
+
+
+# ---------------------------------------------------------------------------------------
+# The public metric functions
+
+
+def singular_values(X: ArrayLike, center: bool = False) -> Tensor:
+    """Singular values (min(n, d),) of X (column-centered if `center`), float64,
+    descending, from the smaller Gram matrix."""
+    return GramView(X).singular_values(center)
 
 
 def effective_rank_from_singular_values(s: ArrayLike) -> float:
     """exp(H(p)), p_k = s_k / sum_j s_j (Roy & Vetterli 2007; paper Sec. 3).
 
-    Singular values, not their squares, as in the paper. An all-zero spectrum has
-    effective rank 0 by convention (no direction carries signal).
+    Singular values, not their squares, as in the paper (RankMe uses squares). An
+    all-zero spectrum has effective rank 0 by convention (no direction carries signal).
     """
     s64 = torch.as_tensor(s, dtype=torch.float64)
     total = float(s64.sum())
@@ -59,12 +217,82 @@ def effective_rank_from_singular_values(s: ArrayLike) -> float:
 
 
 def effective_rank(X: ArrayLike, center: bool = False) -> float:
-    """Effective rank of the (n, d) feature matrix X (optionally column-centered)."""
+    """Effective rank of X (n, d): exp of the entropy of its normalized singular values.
+    1 for rank one, min(n, d) for orthogonal rows of equal norm, 0 for all zeros."""
     return effective_rank_from_singular_values(singular_values(X, center=center))
 
 
+def condition_number_from_singular_values(s: ArrayLike, mass: float = 0.999) -> float:
+    """sigma_max / sigma'_min, where sigma'_min = s_k at the smallest k whose cumulative
+    share sum_{j<=k} s_j / sum_j s_j reaches `mass` (paper Sec. 3: 99.9%).
+
+    A spectrum with one non-zero value gives 1; an all-zero spectrum gives inf.
+    """
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    s64 = torch.as_tensor(s, dtype=torch.float64).sort(descending=True).values
+    total = float(s64.sum())
+    if total <= 0 or not math.isfinite(total):
+        return math.inf
+    cumulative = torch.cumsum(s64 / total, 0)
+    k = int(torch.searchsorted(cumulative, torch.tensor([mass], dtype=torch.float64)))
+    k = min(k, len(s64) - 1)
+    return float(s64[0] / s64[k])
+
+
+def condition_number(X: ArrayLike, mass: float = 0.999, center: bool = False) -> float:
+    """Condition number of X (n, d) at `mass` of the singular-value mass; see
+    :func:`condition_number_from_singular_values`."""
+    return condition_number_from_singular_values(singular_values(X, center=center), mass)
+
+
 def dead_units(X: ArrayLike) -> int:
-    """Number of features (columns of the (n, d) matrix X) that are exactly zero on
-    every sample, the paper's dead-neuron count (Sec. 3, Fig. 2b)."""
+    """Number of features (columns of X) that are exactly zero on every sample: the
+    paper's dead neurons (Sec. 3, Fig. 2b). For conv layers pass X with one column per
+    channel-and-position (C*H*W), as the paper does, or reduce per channel first."""
     t = _as_tensor(X)
     return int((t == 0).all(dim=0).sum())
+
+
+def fisher_separability(X: ArrayLike, labels: ArrayLike, rtol: float = PINV_RTOL,
+                        ) -> dict[str, float]:
+    """Fisher separability of X (n, d) under integer labels (n,) (paper Sec. 3, Fig. 3).
+
+    With mu the mean, mu_c the class means and n_c the class sizes, all normalized by
+    1/n (Duda, Hart & Stork, ch. 4.11):
+
+    - ``tr_total``   = tr(Sigma_t), Sigma_t = (1/n) sum_i (x_i - mu)(x_i - mu)^T
+    - ``tr_between`` = tr(Sigma_b), Sigma_b = (1/n) sum_c n_c (mu_c - mu)(mu_c - mu)^T
+    - ``tr_within``  = tr(Sigma_w), Sigma_w = (1/n) sum_c sum_{i in c} (x_i - mu_c)(...)^T
+      (Sigma_t = Sigma_w + Sigma_b)
+    - ``discriminant`` = tr(pinv(Sigma_w) Sigma_b), where the pseudo-inverse drops the
+      eigenvalues of Sigma_w at or below ``rtol * lambda_max(Sigma_w)`` (default 1e-8)
+      and those at float64 rounding level, max(n, d) * eps * tr(Sigma_t); 0 when
+      Sigma_w = 0. When d > n it is computed in the span of the data.
+    """
+    return GramView(X).fisher(labels, rtol)
+
+
+def kmeans_labels(X: ArrayLike, k: int, seed: int = 0) -> np.ndarray:
+    """Cluster assignments (n,) of k-means (scikit-learn, k-means++, 4 restarts) on X:
+    labels for the label-free separability variant (paper footnote 1)."""
+    from sklearn.cluster import KMeans
+
+    x = _as_tensor(X).detach().to(torch.float64).cpu().numpy()
+    k = max(1, min(k, len(x)))
+    return np.asarray(KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x))
+
+
+def layer_summary(X: ArrayLike, labels: ArrayLike | None = None, center: bool = False,
+                  mass: float = 0.999, rtol: float = PINV_RTOL) -> dict[str, Any]:
+    """Effective rank, condition number and (with labels) Fisher separability of one
+    layer's features, sharing one Gram matrix."""
+    view = GramView(X)
+    s = view.singular_values(center)
+    out: dict[str, Any] = {
+        "erank": effective_rank_from_singular_values(s),
+        "condition_number": condition_number_from_singular_values(s, mass),
+    }
+    if labels is not None:
+        out.update(view.fisher(labels, rtol))
+    return out
