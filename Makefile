@@ -1,6 +1,7 @@
 # Two entry points for a fresh clone:
 #   make run    install everything into .venv, then run the main job (digits default)
-#   make test   install everything into .venv, then lint and run the whole test suite
+#   make test   install everything into .venv (and, as root, the single-node Slurm the
+#               cluster test starts), then lint, type-check and run the whole test suite
 #
 # torch: the CPU build 2.13.0 is installed first so that pip never pulls a CUDA build.
 # On a GPU machine pass your own, e.g.
@@ -25,6 +26,7 @@ run: $(STAMP)
 	$(VENV)/bin/escapelab run $(ARGS)
 
 test: $(STAMP)
+	./scripts/install-system-test-deps.sh
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy src
 	$(VENV)/bin/python -m pytest

@@ -87,6 +87,179 @@ def run(preset: str, out: Path | None, resume_dir: Path | None, overwrite: bool,
     _print_summary(summary, out)
 
 
+@cli.command(help=f"""Run a grid of configurations and aggregate them (paper Figs. 1c, 1d, 4).
+
+SPEC is a sweep preset (step-size, batch-size, loss-warmup) or a YAML file with base,
+overrides and grid; or build a grid with --grid key=v1,v2 (repeatable). Every point runs
+into OUT/runs/<label>-<hash>; re-launching skips finished runs and resumes interrupted
+ones; a failed or diverged run never stops the others. Writes OUT/runs.csv (one row per
+run, with its phase: stays / escapes / collapses / diverges) and OUT/table.csv (mean and
+std over seeds), and prints the table.
+
+\b
+  escapelab sweep --preset step-size --out runs/steps          (digits, 18 runs)
+  escapelab sweep --preset step-size --scale paper --out DIR   (CIFAR-10, needs GPUs)
+  escapelab sweep --grid optim.lr=1e3,1e4 --grid seed=0,1 --out DIR train.steps=500
+{OVERRIDES_HELP}""")
+@click.argument("spec", required=False)
+@click.option("--preset", default=None, help="A sweep preset: " + "step-size, batch-size, "
+              "loss-warmup.")
+@click.option("--scale", type=click.Choice(["digits", "paper"]), default="digits",
+              show_default=True, help="digits (CPU, minutes) or the paper's CIFAR-10 scale.")
+@click.option("--base", default=None, help="Base config preset (default: the spec's).")
+@click.option("--grid", "grid_items", multiple=True, help="key=v1,v2,... (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Sweep folder (default: runs/sweep-<name>).")
+@click.option("--backend", type=click.Choice(["local", "slurm"]), default="local",
+              show_default=True, help="Local worker processes, or a Slurm job array "
+              "(submitit).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes (default: one per core; cores are split).")
+@click.option("--partition", default=None, help="Slurm partition.")
+@click.option("--time-min", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Slurm time limit per run, minutes.")
+@click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Slurm CPUs per run.")
+@click.option("--wait-s", type=float, default=None, help="Stop waiting for Slurm after "
+              "this many seconds (unfinished runs are recorded as failed; relaunch later).")
+@click.argument("overrides", nargs=-1)
+def sweep(spec: str | None, preset: str | None, scale: str, base: str | None,
+          grid_items: tuple[str, ...], out: Path | None, backend: str,
+          workers: int | None, partition: str | None, time_min: int, cpus: int,
+          wait_s: float | None, overrides: tuple[str, ...]) -> None:
+    import dataclasses
+
+    from escapelab import sweep as sweeps
+
+    if spec is not None and "=" in spec:  # an override, not a spec
+        overrides, spec = (spec, *overrides), None
+    source = spec or preset
+    if source is not None:
+        loaded = sweeps.load_spec(source, scale)
+    elif grid_items:
+        loaded = sweeps.SweepSpec(name="grid", base=base or "digits")
+    else:
+        raise EscapelabError("give a SPEC, --preset NAME or at least one --grid key=values")
+    extra = {k: v for k, v in (o.partition("=")[::2] for o in overrides)}
+    if any(not k for k in extra) or any("=" not in o for o in overrides):
+        raise EscapelabError(f"overrides must be key=value, got {list(overrides)}")
+    loaded = dataclasses.replace(
+        loaded, base=base or loaded.base, overrides={**loaded.overrides, **extra},
+        grid={**loaded.grid, **sweeps.parse_grid(grid_items)})
+    out = out or Path("runs") / f"sweep-{loaded.name}"
+
+    def report(i: int, total: int, point: Any, result: dict[str, Any]) -> None:
+        acc = result.get("final_probe_acc")
+        click.echo(f"[{i}/{total}] {point.label}: {result.get('status')}"
+                   + (f", final probe {100 * acc:.2f}%" if acc is not None else "")
+                   + (f" ({result['error'].strip().splitlines()[-1]})"
+                      if result.get("error") else ""), err=True)
+
+    result = sweeps.run_sweep(loaded, out, backend=backend, workers=workers,
+                              slurm={"partition": partition, "time_min": time_min,
+                                     "cpus": cpus, "wait_s": wait_s}, progress=report)
+    click.echo(f"{result['points']} points: {result['ran']} run, {result['skipped']} "
+               "already finished")
+    _print_sweep_table(result["table"], list(loaded.grid))
+    click.echo(f"wrote {out / 'runs.csv'} and {out / 'table.csv'}")
+
+
+def _print_sweep_table(table: list[dict[str, Any]], axes: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = [a for a in axes if a != "seed"]
+    t = Table(box=None, title="sweep (mean ± std over seeds; accuracies in %)")
+    for a in shown:
+        t.add_column(a)
+    for col in ("runs", "phase", "teacher", "min", "final", "gain", "escape step",
+                "collapse depth"):
+        t.add_column(col, justify="right")
+
+    def pm(row: dict[str, Any], key: str, scale: float = 100.0) -> str:
+        mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+        if mean is None:
+            return "-"
+        return f"{scale * mean:.2f}±{scale * (std or 0):.2f}"
+
+    for row in table:
+        t.add_row(*[str(row[a]) for a in shown], str(row["runs"]), row["phases"],
+                  pm(row, "teacher_probe_acc"), pm(row, "min_probe_acc"),
+                  pm(row, "final_probe_acc"), pm(row, "gain"), pm(row, "escape_step", 1.0),
+                  pm(row, "collapse_depth"))
+    Console(width=160).print(t)
+
+
+@cli.command("lr-range", help=f"""LR range test (paper Fig. 1a): escape vs supervised loss.
+
+The step size grows exponentially from --start to --end (paper: 1e-6 to 1e6 over 5
+epochs) while the student trains on the escape loss and, side by side, the same
+architecture trains on the labels (cross-entropy). No early stop except non-finite
+values or --cap. Prints, per curve, the step size where the loss departs from its
+starting level and where it diverges (rules in `escapelab.lr_range`); writes
+lr_range.csv (curve, seed, step, lr, loss, grad_norm), lr_range.json and the runs.
+The paper: the supervised loss diverges near eta = 10; the escape needs eta ~ 500.
+{OVERRIDES_HELP}""")
+@click.option("--preset", default="digits", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: runs/lr-range-<preset>-<time>).")
+@click.option("--start", "start_lr", type=float, default=1e-6, show_default=True)
+@click.option("--end", "end_lr", type=float, default=1e6, show_default=True)
+@click.option("--steps", type=click.IntRange(min=2), default=None,
+              help="Steps per curve (default 500 unless --epochs is given).")
+@click.option("--epochs", type=float, default=None, help="Epochs per curve (paper: 5).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; "
+              "several give a band.")
+@click.option("--mode", type=click.Choice(["minibatch", "fixed", "full"]),
+              default="minibatch", show_default=True,
+              help="Fresh batches, one fixed batch, or full-batch gradient descent.")
+@click.option("--supervised", type=click.Choice(["ce", "onehot_mse", "none"]), default="ce",
+              show_default=True, help="The side-by-side supervised curve.")
+@click.option("--cap", type=float, default=None, help="Stop a curve once its loss exceeds "
+              "this (default: only non-finite values stop it).")
+@click.argument("overrides", nargs=-1)
+def lr_range(preset: str, out: Path | None, start_lr: float, end_lr: float,
+             steps: int | None, epochs: float | None, seeds: str, mode: str,
+             supervised: str, cap: float | None, overrides: tuple[str, ...]) -> None:
+    from escapelab import lr_range as range_test
+    from escapelab.config import load_config
+
+    base = load_config(preset, overrides)
+    options = range_test.RangeOptions(
+        start_lr=start_lr, end_lr=end_lr, steps=steps if steps or epochs else 500,
+        epochs=epochs, seeds=_int_list(seeds, "--seeds"), mode=mode,  # type: ignore[arg-type]
+        supervised=None if supervised == "none" else supervised,  # type: ignore[arg-type]
+        cap=cap)
+    if out is None:
+        out = Path("runs") / f"lr-range-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    payload = range_test.run_lr_range(base, out, options, progress=lambda c, s: click.echo(
+        f"lr-range: {c} curve, seed {s}", err=True))
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"LR range test {start_lr:g} -> {end_lr:g} ({mode})", box=None)
+    for col in ("curve", "departs at eta", "diverges at eta", "per seed (depart / diverge)"):
+        table.add_column(col, justify="right" if col != "curve" else "left")
+    for curve, info in payload["curves"].items():
+        per_seed = "  ".join(f"s{k}: {_eta(v['depart_lr'])} / {_eta(v['diverge_lr'])}"
+                             for k, v in info["seeds"].items())
+        table.add_row(curve, _eta(info["depart_lr"]), _eta(info["diverge_lr"]), per_seed)
+    Console(width=140).print(table)
+    click.echo(f"wrote {out / range_test.CSV_FILE} and {out / range_test.JSON_FILE}")
+
+
+def _eta(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise EscapelabError(f"{option} must be comma-separated integers, got {text!r}") \
+            from None
+
+
 @cli.command(help="""Layerwise signal propagation and separability (paper Sec. 3).
 
 For the checkpoints T (teacher), C (collapse), S (final) and any saved step of RUN_DIR,

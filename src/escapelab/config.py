@@ -92,6 +92,10 @@ class DataConfig(_Section):
                             "split statistics.")
     batch_size: BatchSize = Field(64, description="Images per SGD step, or 'full' for full-"
                                   "batch gradient descent (paper: 256; full = 49152).")
+    sampling: Literal["shuffle", "fixed"] = Field(
+        "shuffle", description="shuffle: batches without replacement, reshuffled each "
+        "epoch; fixed: the same random batch at every step, to separate the effect "
+        "of the step size from that of the data (LR range test's fixed-batch mode).")
     micro_batch_size: int | None = Field(
         None, ge=1, description="Split each batch into micro-batches of this size and "
         "accumulate to exactly the batch's mean gradient (memory only; same result).")
@@ -202,6 +206,9 @@ class TrainConfig(_Section):
                                  "of `steps` (set steps=null).")
     escape_threshold: float = Field(1e-8, gt=0, description="escape_step is the first step "
                                     "whose training loss exceeds this.")
+    max_loss: float | None = Field(None, gt=0, description="End the run (status 'capped') "
+                                   "once the training loss exceeds this; the LR range "
+                                   "test's optional cap. None: only non-finite values stop.")
     flush_denormal: bool = Field(True, description="Flush denormal floats to zero on the CPU. "
                                  "Near the teacher, gradients are ~1e-20 and denormal "
                                  "arithmetic is up to 10x slower; values below ~1e-38 are "
@@ -383,7 +390,8 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_preset(preset: str | Path) -> dict[str, Any]:
+def read_preset(preset: str | Path) -> dict[str, Any]:
+    """The raw mapping of a preset (name or YAML path), before validation."""
     path = Path(preset)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -495,7 +503,7 @@ def build_config(data: dict[str, Any]) -> Config:
 def load_config(preset: str | Path | None = "digits",
                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a preset (name or YAML path; None = built-in defaults) and apply overrides."""
-    data = _read_preset(preset) if preset is not None else {}
+    data = read_preset(preset) if preset is not None else {}
     return build_config(merge(data, parse_overrides(overrides)))
 
 

@@ -40,7 +40,6 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 STEPS_FILE = "metrics/steps.jsonl"
 EVALS_FILE = "metrics/evals.jsonl"
-FINISHED = ("completed", "diverged")
 
 
 def clean(obj: Any) -> Any:

@@ -69,20 +69,28 @@ def setup_torch(cfg: Config) -> torch.device:
 
 
 class BatchSampler:
-    """Batches without replacement, reshuffled each epoch; the full batch is fixed.
+    """Batches without replacement, reshuffled each epoch; the full batch is fixed, and
+    so is a ``fixed`` batch (drawn once from the same generator).
 
     The permutation is drawn on the CPU (the same order on every device) and moved to
     the device once per epoch, so a step does no host work.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device,
+                 fixed: bool = False) -> None:
         self.n, self.batch_size, self.device = n, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
-        self.perm = torch.arange(n, device=device)
-        self.pos = 0 if batch_size >= n else n  # a shuffle on the first call
+        self.fixed = fixed or batch_size >= n
+        if self.fixed:
+            order = torch.randperm(n, generator=self.generator) if batch_size < n \
+                else torch.arange(n)
+            self.perm = order[:batch_size].sort().values.to(device)
+        else:
+            self.perm = torch.arange(n, device=device)
+        self.pos = 0 if self.fixed else n  # a shuffle on the first call
 
     def next(self) -> Tensor:
-        if self.batch_size >= self.n:
+        if self.fixed:
             return self.perm
         if self.pos + self.batch_size > self.n:  # drop the incomplete last batch
             self.perm = torch.randperm(self.n, generator=self.generator).to(self.device)
@@ -246,6 +254,33 @@ def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
     return _loop(run, setup, start=0, tracker=Tracker(), progress=progress)
 
 
+def finished_summary(cfg: Config, out: Path | str) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly `cfg` in `out`, or None (absent,
+    unfinished, or another config): lets sweeps skip work already done."""
+    run = RunDir(out)
+    if not run.finished or not (run.path / "config.yaml").is_file():
+        return None
+    if (run.path / "config.yaml").read_text() != dump_yaml(cfg):
+        return None
+    summary: dict[str, Any] = run.read_json("summary.json")
+    return summary
+
+
+def train_or_reuse(cfg: Config, out: Path | str, progress: Progress | None = None,
+                   ) -> dict[str, Any]:
+    """The summary of a run of exactly `cfg` in `out`: reused if finished, resumed if
+    interrupted, otherwise trained anew (replacing whatever run is there)."""
+    summary = finished_summary(cfg, out)
+    if summary is not None:
+        return summary
+    run = RunDir(out)
+    same = ((run.path / "config.yaml").is_file()
+            and (run.path / "config.yaml").read_text() == dump_yaml(cfg))
+    if same and run.checkpoint_path("last").exists():
+        return resume(out, progress)
+    return train(cfg, out, overwrite=True, progress=progress)
+
+
 def resume(out: Path | str, progress: Progress | None = None) -> dict[str, Any]:
     """Continue an interrupted run from its last resumable checkpoint."""
     from escapelab.config import load_config
@@ -281,7 +316,8 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
                                 weight_decay=cfg.optim.weight_decay)
-    sampler = BatchSampler(d.n_train, d.batch_size, d.data_seed, s.device)
+    sampler = BatchSampler(d.n_train, d.batch_size, d.data_seed, s.device,
+                           fixed=cfg.data.sampling == "fixed")
     if state is not None:
         sampler.load(state)
         for group in optimizer.param_groups:
@@ -368,6 +404,11 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 status, reason = "diverged", f"non-finite {what} at step {step}"
                 break
+            if cfg.train.max_loss is not None and loss > cfg.train.max_loss:
+                pending.append({"step": step, "lr": lr, "loss": loss, "grad_norm": gnorm,
+                                "dist_teacher": distance(student, teacher)})
+                status, reason = "capped", f"loss {loss:.3g} > train.max_loss at step {step}"
+                break
             if cfg.optim.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             optimizer.step()
@@ -398,7 +439,8 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
     if final is None:
         final = evaluate(step_done)
         evals.append(final)
-    save_student("S", step_done, "final" if status == "completed" else "last_finite", final)
+    save_student("S", step_done, {"completed": "final", "capped": "last_below_cap"}.get(
+        status, "last_finite"), final)
     summary = summarize(run, s, evals, tracker, status, reason, step_done, elapsed())
     run.checkpoint_path("last").unlink(missing_ok=True)
     run.checkpoint_path("last").with_suffix(".json").unlink(missing_ok=True)

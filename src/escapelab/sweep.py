@@ -1,0 +1,376 @@
+"""Sweeps: a grid over config keys, one run directory per configuration.
+
+A sweep spec (YAML, or built from the command line) names a base preset, fixed
+overrides and a grid::
+
+    name: step-size
+    base: digits
+    overrides: {train.steps: 3000}
+    grid:
+      optim.lr: [1.0e+2, 1.0e+3, 1.0e+4]
+      schedule:                       # a compound axis: each value sets several keys
+        - {label: constant, schedule.name: constant}
+        - {label: warmup, schedule.name: linear_warmup, schedule.warmup_steps: 100}
+      seed: [0, 1, 2]
+    paper:                            # optional: the same sweep at paper scale
+      base: cifar10-vgg11
+      grid: {optim.lr: [32, 3162, 1.0e+4, 1.0e+5], seed: [0]}
+
+Every point runs into ``OUT/runs/<label>-<hash>``, the hash being that of the resolved
+config, so that re-launching skips finished runs and resumes interrupted ones. A
+failed or diverged run never stops the others. ``runs.csv`` has one row per run,
+``table.csv`` the mean and std over seeds, each with a phase label (:func:`phase`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from escapelab.config import (
+    Config,
+    build_config,
+    config_to_dict,
+    merge,
+    parse_overrides,
+    read_preset,
+)
+from escapelab.errors import ConfigError, EscapelabError
+from escapelab.store import RunDir, atomic_write_text, read_json, write_json
+
+PHASE_MARGIN = 0.005  # half a point of probe accuracy
+SUMMARY_FIELDS = ("status", "teacher_probe_acc", "min_probe_acc", "final_probe_acc", "gain",
+                  "collapse_depth", "escape_step", "collapse_step", "erank_teacher",
+                  "erank_collapse", "erank_final", "steps_completed", "wall_s")
+AGGREGATED = ("teacher_probe_acc", "min_probe_acc", "final_probe_acc", "gain",
+              "collapse_depth", "escape_step", "erank_collapse", "erank_final")
+
+
+# ---------------------------------------------------------------------------------------
+# Specs and points
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    base: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration of a sweep."""
+
+    label: str
+    values: dict[str, Any]  # axis -> the value's label
+    config: Config
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(config_to_dict(self.config), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.label}-{self.key}"
+
+
+def sweep_preset_names() -> list[str]:
+    folder = resources.files("escapelab") / "sweeps"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_spec(source: str | Path, scale: str = "digits") -> SweepSpec:
+    """A sweep spec from a preset name (``escapelab/sweeps``) or a YAML file; `scale`
+    ``paper`` applies the spec's ``paper`` section."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"sweep spec {str(path)!r} not found")
+        text, default_name = path.read_text(), path.stem
+    else:
+        if str(source) not in sweep_preset_names():
+            raise ConfigError(f"unknown sweep preset {str(source)!r}; allowed: "
+                              f"{', '.join(sweep_preset_names())} (or a YAML file)")
+        text = (resources.files("escapelab") / "sweeps" / f"{source}.yaml").read_text()
+        default_name = str(source)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sweep spec {str(source)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("a sweep spec is a mapping with base, overrides and grid")
+    unknown = set(raw) - {"name", "base", "overrides", "grid", "paper"}
+    if unknown:
+        raise ConfigError(f"unknown sweep spec keys {sorted(unknown)}; allowed: name, base, "
+                          "overrides, grid, paper")
+    if scale == "paper":
+        paper = raw.get("paper")
+        if not isinstance(paper, dict):
+            raise ConfigError(f"sweep {default_name!r} has no paper-scale section")
+        raw = {**raw, **paper, "overrides": {**raw.get("overrides", {}),
+                                             **paper.get("overrides", {})}}
+    elif scale != "digits":
+        raise ConfigError(f"unknown scale {scale!r}; allowed: digits, paper")
+    grid = raw.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError("sweep grid must map each key to a non-empty list of values")
+    return SweepSpec(name=str(raw.get("name", default_name)), base=str(raw.get("base",
+                     "digits")), overrides=dict(raw.get("overrides") or {}), grid=grid)
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``["optim.lr=1e2,1e4", "seed=0,1"]`` -> {"optim.lr": [100.0, 10000.0], ...}."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--grid {item!r} is not of the form key=v1,v2,...")
+        grid[key.strip()] = [parse_overrides([f"x={v}"])["x"] for v in values.split(",")]
+    return grid
+
+
+def _short(key: str) -> str:
+    return {"optim.lr": "lr", "data.batch_size": "bs", "loss.name": "loss"}.get(
+        key, key.rsplit(".", 1)[-1])
+
+
+def _label_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def expand(spec: SweepSpec) -> list[Point]:
+    """Every point of the grid, with its validated config (errors name the point)."""
+    base = read_preset(spec.base)
+    fixed = parse_overrides([f"{k}={_as_text(v)}" for k, v in spec.overrides.items()])
+    axes = list(spec.grid.items())
+    points = []
+    for combo in itertools.product(*[values for _, values in axes]):
+        tree = merge(base, fixed)
+        values: dict[str, Any] = {}
+        for (axis, _), value in zip(axes, combo, strict=True):
+            if isinstance(value, dict):
+                sets = {k: v for k, v in value.items() if k != "label"}
+                values[axis] = value.get("label", ",".join(f"{_short(k)}={_label_value(v)}"
+                                                           for k, v in sets.items()))
+                tree = merge(tree, parse_overrides([f"{k}={_as_text(v)}"
+                                                    for k, v in sets.items()]))
+            else:
+                values[axis] = _label_value(value)
+                tree = merge(tree, parse_overrides([f"{axis}={_as_text(value)}"]))
+        label = "_".join(f"{_short(a)}={v}" for a, v in values.items()) or "run"
+        try:
+            cfg = build_config(tree)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep point {label}: {exc}") from None
+        points.append(Point(label=label.replace("/", "-"), values=values, config=cfg))
+    return points
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+def run_point(config: dict[str, Any], run_dir: str, threads: int | None = None,
+              ) -> dict[str, Any]:
+    """Run (or resume) one point; never raises: a failure is returned and recorded.
+
+    Module-level so that worker processes and cluster jobs can import it.
+    """
+    import torch
+
+    from escapelab.train import RunInterrupted, train_or_reuse
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = build_config(config)
+    failure = Path(run_dir).parent.parent / "failures" / f"{Path(run_dir).name}.json"
+    try:
+        summary = train_or_reuse(cfg, run_dir)
+        failure.unlink(missing_ok=True)
+        return summary
+    except RunInterrupted as exc:
+        return {"status": "interrupted", "error": str(exc)}
+    except Exception as exc:  # a failed run must not stop the sweep
+        message = str(exc) if isinstance(exc, EscapelabError) else traceback.format_exc()
+        write_json(failure, {"status": "failed", "error": message})
+        return {"status": "failed", "error": message}
+
+
+Progress = Callable[[int, int, Point, dict[str, Any]], None]
+
+
+def run_local(tasks: list[tuple[Point, Path]], workers: int | None,
+              progress: Progress | None) -> None:
+    """Worker processes (spawned) with the CPU cores split between them."""
+    import concurrent.futures as futures
+    import multiprocessing
+
+    cores = os.cpu_count() or 1
+    workers = max(1, min(workers or cores, len(tasks)))
+    threads = max(1, cores // workers)
+    if workers == 1:
+        for i, (point, run_dir) in enumerate(tasks, 1):
+            result = run_point(config_to_dict(point.config), str(run_dir), threads)
+            if progress is not None:
+                progress(i, len(tasks), point, result)
+        return
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        jobs = {pool.submit(run_point, config_to_dict(p.config), str(d), threads): p
+                for p, d in tasks}
+        for i, job in enumerate(futures.as_completed(jobs), 1):
+            try:
+                result = job.result()
+            except Exception as exc:  # a worker that died (e.g. out of memory)
+                result = {"status": "failed", "error": f"worker died: {exc}"}
+            if progress is not None:
+                progress(i, len(tasks), jobs[job], result)
+
+
+def run_sweep(spec: SweepSpec, out: Path | str, *, backend: str = "local",
+              workers: int | None = None, slurm: dict[str, Any] | None = None,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Run every point not yet finished, then aggregate into runs.csv and table.csv."""
+    out = Path(out)
+    points = expand(spec)
+    labels = [p.dirname for p in points]
+    if len(set(labels)) != len(labels):
+        raise ConfigError("two sweep points resolve to the same config")
+    write_json(out / "sweep.json", {
+        "name": spec.name, "base": spec.base, "overrides": spec.overrides,
+        "grid": spec.grid, "axes": list(spec.grid),
+        "points": [{"run": p.dirname, "values": p.values} for p in points]})
+    tasks = []
+    from escapelab.train import finished_summary
+
+    for p in points:
+        if finished_summary(p.config, out / "runs" / p.dirname) is None:
+            tasks.append((p, out / "runs" / p.dirname))
+    skipped = len(points) - len(tasks)
+    if tasks:
+        if backend == "local":
+            run_local(tasks, workers, progress)
+        elif backend == "slurm":
+            from escapelab.cluster import run_slurm
+
+            run_slurm(tasks, out, slurm or {}, progress)
+        else:
+            raise ConfigError(f"unknown backend {backend!r}; allowed: local, slurm")
+    table = aggregate(out)
+    return {"points": len(points), "skipped": skipped, "ran": len(tasks), "table": table}
+
+
+# ---------------------------------------------------------------------------------------
+# Phases and aggregation
+
+
+def phase(summary: dict[str, Any], margin: float = PHASE_MARGIN) -> str:
+    """Label one run (thresholds in probe-accuracy fractions; margin 0.005 = 0.5 points):
+
+    - ``diverges``: the run ended on a non-finite (or capped) loss;
+    - ``escapes``: it left the teacher (escape_step set) and its final probe accuracy
+      is at least `margin` above the teacher's: escapes and recovers above the teacher;
+    - ``collapses``: it left the teacher, its probe accuracy fell more than `margin`
+      below the teacher's at some point (or ends there), and it does not end above it;
+    - ``stays``: otherwise: it never left the teacher, or left it without changing
+      what the probe sees by more than `margin`.
+    """
+    status = summary.get("status")
+    if status in ("diverged", "capped"):
+        return "diverges"
+    if status not in ("completed",):
+        return status or "missing"
+    teacher, final = summary.get("teacher_probe_acc"), summary.get("final_probe_acc")
+    lowest = summary.get("min_probe_acc")
+    if summary.get("escape_step") is None or teacher is None or final is None:
+        return "stays"
+    if final >= teacher + margin:
+        return "escapes"
+    if (lowest is not None and lowest < teacher - margin) or final < teacher - margin:
+        return "collapses"
+    return "stays"
+
+
+def aggregate(out: Path | str) -> list[dict[str, Any]]:
+    """Write ``runs.csv`` (one row per run) and ``table.csv`` (mean/std over seeds)."""
+    out = Path(out)
+    meta = read_json(out / "sweep.json")
+    axes: list[str] = meta["axes"]
+    rows = []
+    for point in meta["points"]:
+        run = RunDir(out / "runs" / point["run"])
+        failure = out / "failures" / f"{point['run']}.json"
+        if run.finished:
+            summary = run.read_json("summary.json")
+        elif failure.exists():
+            summary = read_json(failure)
+        else:
+            summary = {"status": run.status().get("status", "missing")}
+        if summary.get("teacher_probe_acc") is not None and summary.get("min_probe_acc") \
+                is not None:
+            summary["collapse_depth"] = summary["teacher_probe_acc"] - summary["min_probe_acc"]
+        row = {"run": point["run"], **{a: point["values"][a] for a in axes}}
+        row.update({k: summary.get(k) for k in SUMMARY_FIELDS})
+        row["phase"] = phase(summary)
+        row["error"] = (summary.get("error") or "").strip().splitlines()[-1:] or [""]
+        row["error"] = row["error"][0]
+        rows.append(row)
+    _write_csv(out / "runs.csv", rows)
+    group_axes = [a for a in axes if a != "seed"]
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[a] for a in group_axes), []).append(row)
+    table = []
+    for values, members in groups.items():
+        entry: dict[str, Any] = dict(zip(group_axes, values, strict=True))
+        entry["runs"] = len(members)
+        phases = [m["phase"] for m in members]
+        entry["phase"] = max(set(phases), key=lambda p: (phases.count(p), p))
+        entry["phases"] = " ".join(f"{p}:{phases.count(p)}" for p in sorted(set(phases)))
+        for key in AGGREGATED:
+            nums = [m[key] for m in members if isinstance(m[key], int | float)
+                    and math.isfinite(m[key])]
+            entry[f"{key}_mean"] = float(np.mean(nums)) if nums else None
+            entry[f"{key}_std"] = float(np.std(nums)) if len(nums) > 1 else (0.0 if nums
+                                                                               else None)
+        table.append(entry)
+    _write_csv(out / "table.csv", table)
+    return table
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        atomic_write_text(path, "")
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if v is None else v for k, v in r.items()})
+    atomic_write_text(path, buffer.getvalue())
