@@ -71,6 +71,7 @@ PINV_RTOL = 1e-8
 RESULT_KEYS = ("erank", "condition_number", "tr_between", "tr_within", "tr_total",
                "discriminant")
 AGREEMENT_TOL = 1e-6
+CONTENTION_LIMIT = 0.1  # other processes' CPU share above which a timing is flagged
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,6 +87,26 @@ def _rss_bytes() -> int:
     """Current resident set size of this process."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_snapshot() -> tuple[float, float, float]:
+    """(machine busy CPU-seconds, this process's CPU-seconds, wall time) now: their
+    deltas over a measurement tell how much CPU other processes took meanwhile."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (sum(ticks[:8]) - idle) / hz, own.user + own.system, time.perf_counter()
+
+
+def _contention(before: tuple[float, float, float]) -> dict[str, float]:
+    """CPU use of this process and of all other processes since `before`, as shares of
+    the machine's capacity over that interval (other > 0.1 makes a timing suspect)."""
+    busy, own, wall = (a - b for a, b in zip(_cpu_snapshot(), before, strict=True))
+    capacity = max(wall, 1e-9) * (os.cpu_count() or 1)
+    return {"cpu_s": own, "own_share": own / capacity,
+            "other_share": max(busy - own, 0.0) / capacity}
 
 
 def _meminfo(key: str) -> int:
@@ -214,6 +235,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     x_np = _load_features(spec["path"], spec["n"], spec["d"])
     labels = np.load(spec["labels"])
     base_maxrss, base_rss = _maxrss_bytes(), _rss_bytes()
+    cpu0 = _cpu_snapshot()
     t0 = time.perf_counter()
     x = torch.from_numpy(x_np)  # zero-copy
     dead = dead_units(x)
@@ -228,7 +250,7 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     t4 = time.perf_counter()
     peak = _maxrss_bytes()
     return {
-        "time_s": t4 - t0,
+        "time_s": t4 - t0, "cpu": _contention(cpu0),
         "breakdown_s": {"dead_units": t1 - t0, "gram": t2 - t1, "spectrum": t3 - t2,
                         "fisher": t4 - t3},
         "gram": "d x d" if view.by_features else "n x n",
@@ -262,6 +284,7 @@ def worker_naive(spec: dict[str, Any]) -> dict[str, Any]:
     x32 = _load_features(spec["path"], n, d)
     labels = np.load(spec["labels"])
     base_maxrss, base_rss = _maxrss_bytes(), _rss_bytes()
+    cpu0 = _cpu_snapshot()
     t0 = time.perf_counter()
     x = x32.astype(np.float64)
     s = np.linalg.svd(x, compute_uv=False)
@@ -285,12 +308,13 @@ def worker_naive(spec: dict[str, Any]) -> dict[str, Any]:
     discriminant = float(np.trace(pinv @ sigma_b))
     t3 = time.perf_counter()
     peak = _maxrss_bytes()
+    cpu = _contention(cpu0)
     # Diagnostic, outside the timing: the same spectrum with the values below escapelab's
     # documented resolution, sqrt(max(n, d) eps) s_max, set to zero.
     resolution = math.sqrt(max(n, d) * np.finfo(np.float64).eps) * (s[0] if len(s) else 0.0)
     erank_res, cond_res = _spectrum_metrics(np.where(s > resolution, s, 0.0))
     return {
-        "time_s": t3 - t0,
+        "time_s": t3 - t0, "cpu": cpu,
         "breakdown_s": {"svd+dead_units": t1 - t0, "covariances": t2 - t1,
                         "pinv+trace": t3 - t2},
         "baseline_maxrss_bytes": base_maxrss, "baseline_rss_bytes": base_rss,
@@ -358,10 +382,14 @@ def agreement(ours: dict[str, Any], naive: dict[str, Any]) -> dict[str, Any]:
             "within_tol": worst <= AGREEMENT_TOL and a["dead_units"] == b["dead_units"]}
 
 
+def _mark(m: dict[str, Any]) -> str:
+    return "*" if m["cpu"]["other_share"] > CONTENTION_LIMIT else ""
+
+
 def _naive_cell(r: dict[str, Any]) -> str:
     st = r["naive"]["status"]
     if st == "ok":
-        return f"{r['naive']['time_s']:.2f}"
+        return f"{r['naive']['time_s']:.2f}{_mark(r['naive'])}"
     if st == "timeout":
         return f">{r['naive']['timeout_s']:.0f} (timed out)"
     if st == "infeasible":
@@ -384,7 +412,7 @@ def print_table(result: dict[str, Any]) -> None:
     print("-" * len(head))
     for r in result["taps"]:
         o, nv = r["ours"], r["naive"]
-        ours_t = f"{o['time_s']:.2f}" if o["status"] == "ok" else o["status"]
+        ours_t = f"{o['time_s']:.2f}{_mark(o)}" if o["status"] == "ok" else o["status"]
         ours_m = _mib(o.get("extra_peak_bytes"))
         both = o["status"] == "ok" and nv["status"] == "ok"
         line = (f"{r['tap']:<8} {r['d']:>6} {o.get('gram', '?'):>5} {_mib(r['x_bytes']):>6} | "
@@ -392,7 +420,7 @@ def print_table(result: dict[str, Any]) -> None:
         if both:
             ag = r["agreement"]
             flag = "" if ag["within_tol"] else " !"
-            line += (f"{nv['time_s']:>8.2f} {_mib(nv['extra_peak_bytes']):>6} | "
+            line += (f"{nv['time_s']:>7.2f}{_mark(nv) or ' '} {_mib(nv['extra_peak_bytes']):>6} | "
                      f"{r['time_ratio']:>6.1f} {r['peak_ratio']:>5.1f} | "
                      f"{ag['max_reldiff']:>12.1e}{flag}")
         else:
@@ -422,6 +450,13 @@ def print_table(result: dict[str, Any]) -> None:
                  if ok else f"NOT within 1e-6 on: {', '.join(b['taps_outside_tol'])}"))
     else:
         print("no tap where both methods completed: no ratios and no agreement check")
+    if s["contended_timings"]:
+        print(f"WARNING: other processes used more than {CONTENTION_LIMIT:.0%} of the CPUs "
+              f"during {len(s['contended_timings'])} timings (marked *; max "
+              f"{s['max_other_cpu_share']:.0%}): those times are inflated")
+    else:
+        print(f"no contention: other processes used at most {s['max_other_cpu_share']:.0%} of "
+              "the CPUs during any timing")
     print(f"benchmark wall time {result['wall_s']:.1f} s "
           f"(features {result['features']['time_s']:.1f} s)")
     print(f"[t x / mem x: naive/ours time and peak (X + extra); +MiB: extra peak above the "
@@ -448,6 +483,12 @@ def summarize(taps: list[dict[str, Any]]) -> dict[str, Any]:
         "naive_timed_out": sum(r["naive"]["status"] == "timeout" for r in taps),
         "naive_not_run_budget": sum(r["naive"]["status"] == "budget_exhausted" for r in taps),
         "naive_errors": sum(r["naive"]["status"] == "error" for r in taps),
+        "contended_timings": [f"{r['tap']}/{m}" for r in taps for m in ("ours", "naive")
+                              if r[m]["status"] == "ok"
+                              and r[m]["cpu"]["other_share"] > CONTENTION_LIMIT],
+        "max_other_cpu_share": max((r[m]["cpu"]["other_share"] for r in taps
+                                    for m in ("ours", "naive") if r[m]["status"] == "ok"),
+                                   default=0.0),
         "note": "totals are over the taps each method completed; compare methods with "
                 "'both', which is restricted to the taps where both completed",
     }

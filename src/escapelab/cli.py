@@ -53,6 +53,10 @@ then regular schedule, and saves checkpoints T (teacher), C (collapse) and S (fi
 Defaults to the `digits` preset: eta 3e4, B 64, 3000 steps, N-MSE (on digits the
 collapse-and-recovery shows at eta 1e4-3e4; eta <= 100 stays at the teacher; plain
 MSE at 1e4 diverges). The paper's run is `--preset cifar10-vgg11`.
+
+One run over several processes or GPUs: `torchrun --nproc_per_node N -m escapelab run
+...` shards every batch over the ranks (gloo on CPUs, NCCL on GPUs) and all-reduces to
+exactly the batch's mean gradient; rank 0 evaluates and writes.
 {OVERRIDES_HELP}""")
 @click.option("--preset", default="digits", show_default=True,
               help="Preset name (digits, cifar10-vgg11) or a YAML file.")
@@ -79,12 +83,15 @@ def run(preset: str, out: Path | None, resume_dir: Path | None, overwrite: bool,
     cfg = load_config(preset, overrides)
     if out is None:
         out = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
-    click.echo(f"escapelab: {cfg.name}, {cfg.model.name} on {cfg.data.name}, "
-               f"{cfg.loss.name}, eta {cfg.optim.lr:g}, batch {cfg.data.batch_size}, "
-               f"seed {cfg.seed} -> {out}", err=True)
-    with _progress_bar(quiet) as progress:
+    main_rank = training.Ranks.from_env().main  # under torchrun only rank 0 reports
+    if main_rank:
+        click.echo(f"escapelab: {cfg.name}, {cfg.model.name} on {cfg.data.name}, "
+                   f"{cfg.loss.name}, eta {cfg.optim.lr:g}, batch {cfg.data.batch_size}, "
+                   f"seed {cfg.seed} -> {out}", err=True)
+    with _progress_bar(quiet or not main_rank) as progress:
         summary = training.train(cfg, out, overwrite=overwrite, progress=progress)
-    _print_summary(summary, out)
+    if main_rank:
+        _print_summary(summary, out)
 
 
 @cli.command(help=f"""Run a grid of configurations and aggregate them (paper Figs. 1c, 1d, 4).

@@ -48,9 +48,47 @@ class RunInterrupted(EscapelabError):
 # Small helpers of the loop
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torch.distributed job (rank 0 of 1 when alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        """What torchrun's environment says, before joining the process group."""
+        import os
+
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def init_ranks(device: torch.device) -> Ranks:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on the CPU,
+    NCCL on GPUs. Each rank computes the gradient of its shard of every batch."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
 def resolve_device(name: str) -> torch.device:
+    import os
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun rank
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EscapelabError(f"device={name} requested but no CUDA device is available "
@@ -110,7 +148,8 @@ class BatchSampler:
 
 
 def accumulate_gradient(model: EscapeNet, x: Tensor, idx: Tensor, targets: Tensor | None,
-                        teacher: EscapeNet, loss_fn: LossFn, micro_batch: int) -> Tensor:
+                        teacher: EscapeNet, loss_fn: LossFn, micro_batch: int,
+                        ranks: Ranks = Ranks()) -> Tensor:
     """Leave in ``.grad`` the mean gradient of the loss over the batch ``x[idx]``.
 
     Micro-batches are weighted by their share of the batch, so the result equals the
@@ -119,10 +158,15 @@ def accumulate_gradient(model: EscapeNet, x: Tensor, idx: Tensor, targets: Tenso
     on the same micro-batch: identical batch shapes make the teacher's and student's
     float32 rounding identical, so that the only difference between their outputs is
     the parameter offset. Returns the batch's mean loss.
+
+    Under torch.distributed each rank takes one contiguous shard of the batch and the
+    weighted shard gradients are summed over ranks (all-reduce): exactly the batch's
+    mean gradient, on every rank.
     """
     model.zero_grad(set_to_none=True)
     total = torch.zeros((), dtype=x.dtype, device=x.device)
-    for chunk in idx.split(micro_batch):
+    mine = idx.tensor_split(ranks.world)[ranks.rank] if ranks.world > 1 else idx
+    for chunk in mine.split(micro_batch):
         xb = x[chunk]
         if targets is not None:
             target = targets[chunk]
@@ -132,6 +176,14 @@ def accumulate_gradient(model: EscapeNet, x: Tensor, idx: Tensor, targets: Tenso
         loss = loss_fn(model(xb), target) * (len(chunk) / len(idx))
         loss.backward()
         total += loss.detach()
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        dist.all_reduce(total)
     return total
 
 
@@ -201,11 +253,13 @@ class Setup:
     targets: Tensor | None
     evaluator: Evaluator
     device: torch.device
+    ranks: Ranks
 
 
 def build(cfg: Config) -> Setup:
     """Data, teacher, student, loss and evaluator for `cfg` (no training)."""
     device = setup_torch(cfg)
+    ranks = init_ranks(device)
     dtype = getattr(torch, cfg.dtype)
     data_cpu = load_dataset(cfg.data)
     derived = derive(cfg, n_train=len(data_cpu.y_train), n_test=len(data_cpu.y_test),
@@ -228,7 +282,7 @@ def build(cfg: Config) -> Setup:
     evaluator.set_targets(data.y_train[evaluator.train_idx] if cfg.loss.supervised
                           else extract(teacher, x_probe, cfg.probe.eval_batch_size)[1])
     return Setup(cfg, derived, data, teacher, student, template, loss_fn, targets, evaluator,
-                 device)
+                 device, ranks)
 
 
 def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
@@ -238,8 +292,11 @@ def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
     Returns the summary (also written to ``out/summary.json``). Raises
     :class:`RunInterrupted` if stopped by a signal (the run can be resumed).
     """
-    RunDir.ensure_free(out, overwrite)
+    if Ranks.from_env().main:
+        RunDir.ensure_free(out, overwrite)
     setup = build(cfg)  # before anything is written: a bad set-up leaves no run behind
+    if not setup.ranks.main:  # under torch.distributed only rank 0 writes
+        return _loop(RunDir(out), setup, start=0, tracker=Tracker(), progress=None)
     run = RunDir.create(out, overwrite=overwrite)
     run.write_text("config.yaml", dump_yaml(cfg))
     run.write_json("derived.json", setup.derived.model_dump(mode="json"))
@@ -326,6 +383,7 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
                     optimizer.state[p]["momentum_buffer"] = state[f"momentum.{i}"].to(p)
     eval_steps = set(d.eval_steps)
     extra_saves = set(cfg.checkpoint.steps)
+    main = s.ranks.main  # under torch.distributed, rank 0 evaluates and writes
     pending: list[dict[str, Any]] = []  # step records not yet on disk
     t0 = time.perf_counter()
     last_probe: float | None = None
@@ -334,6 +392,8 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
         return tracker.wall_before + time.perf_counter() - t0
 
     def flush() -> None:
+        if not main:
+            pending.clear()
         if pending:
             dists = torch.stack([r["dist_teacher"] for r in pending]).tolist()
             for r, dist in zip(pending, dists, strict=True):
@@ -343,6 +403,8 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
 
     def evaluate(step: int) -> dict[str, Any]:
         nonlocal last_probe
+        if not main:
+            return {}
         record = {"model": "student", "step": step, **s.evaluator(student),
                   "wall_s": elapsed()}
         run.append_jsonl(EVALS_FILE, [record])
@@ -356,12 +418,19 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
         return record
 
     def save_student(name: str, step: int, kind: str, record: dict[str, Any] | None) -> None:
-        run.save_checkpoint(name, student.state_dict(),
-                            {"step": step, "kind": kind, "arch": cfg.model.name,
-                             "metrics": record})
+        if main:
+            run.save_checkpoint(name, student.state_dict(),
+                                {"step": step, "kind": kind, "arch": cfg.model.name,
+                                 "metrics": record})
+
+    def set_status(status: str, **fields: Any) -> None:
+        if main:
+            run.set_status(status, total_steps=d.total_steps, **fields)
 
     def save_resumable(step: int) -> None:
         flush()
+        if not main:
+            return
         tensors = {f"student.{k}": v for k, v in student.state_dict().items()}
         tensors.update(sampler.state())
         for i, p in enumerate(optimizer.param_groups[0]["params"]):
@@ -371,9 +440,18 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
         snapshot = Tracker(**{**asdict(tracker), "wall_before": elapsed()})
         run.save_checkpoint("last", tensors, {"step": step, "kind": "resume",
                                               "tracker": asdict(snapshot)})
-        run.set_status("running", step=step, total_steps=d.total_steps)
+        set_status("running", step=step)
 
-    run.set_status("running", step=start, total_steps=d.total_steps)
+    def stop_now(flag: bool) -> bool:
+        if s.ranks.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        agreed = torch.tensor([float(flag)], device=s.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(agreed.item())
+
+    set_status("running", step=start)
     if start == 0:
         if 0 in eval_steps:
             evaluate(0)
@@ -384,9 +462,9 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
     params = list(student.parameters())
     with stop_requests() as stop:
         for step in range(start + 1, d.total_steps + 1):
-            if stop["stop"]:
+            if stop_now(stop["stop"]):
                 save_resumable(step_done)
-                run.set_status("interrupted", step=step_done, total_steps=d.total_steps)
+                set_status("interrupted", step=step_done)
                 raise RunInterrupted(f"interrupted after step {step_done} of "
                                      f"{d.total_steps}; resume with: escapelab run "
                                      f"--resume {run.path}")
@@ -395,26 +473,23 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
                 group["lr"] = lr
             idx = sampler.next()
             loss_t = accumulate_gradient(student, s.data.x_train, idx, s.targets, teacher,
-                                         s.loss_fn, d.micro_batch_size)
+                                         s.loss_fn, d.micro_batch_size, s.ranks)
             gnorm_t = grad_norm(student)
             loss, gnorm = torch.stack([loss_t.double(), gnorm_t]).tolist()
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                pending.append({"step": step, "lr": lr, "loss": loss, "grad_norm": gnorm,
-                                "dist_teacher": distance(student, teacher)})
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 status, reason = "diverged", f"non-finite {what} at step {step}"
-                break
-            if cfg.train.max_loss is not None and loss > cfg.train.max_loss:
-                pending.append({"step": step, "lr": lr, "loss": loss, "grad_norm": gnorm,
-                                "dist_teacher": distance(student, teacher)})
+            elif cfg.train.max_loss is not None and loss > cfg.train.max_loss:
                 status, reason = "capped", f"loss {loss:.3g} > train.max_loss at step {step}"
-                break
-            if cfg.optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optimizer.step()
-            step_done = step
+            else:  # the update is applied only to finite, uncapped steps
+                if cfg.optim.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                optimizer.step()
+                step_done = step
             pending.append({"step": step, "lr": lr, "loss": loss, "grad_norm": gnorm,
                             "dist_teacher": distance(student, teacher)})
+            if status != "completed":
+                break
             if (tracker.escape_step is None and not cfg.loss.supervised
                     and loss > cfg.train.escape_threshold):
                 tracker.escape_step = step
@@ -432,6 +507,8 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
                 progress(step, d.total_steps, {"loss": loss, "grad_norm": gnorm, "lr": lr,
                                                "probe_acc": last_probe})
     flush()
+    if not main:
+        return {"status": status, "reason": reason, "rank": s.ranks.rank}
 
     # The final state S: theta^(T), or the last finite weights of a diverged run.
     evals = [r for r in run.read_jsonl(EVALS_FILE) if r["model"] == "student"]
@@ -444,7 +521,7 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
     summary = summarize(run, s, evals, tracker, status, reason, step_done, elapsed())
     run.checkpoint_path("last").unlink(missing_ok=True)
     run.checkpoint_path("last").with_suffix(".json").unlink(missing_ok=True)
-    run.set_status(status, step=step_done, total_steps=d.total_steps, reason=reason)
+    set_status(status, step=step_done, reason=reason)
     run.write_json("summary.json", summary)  # last: its presence marks a finished run
     return summary
 
