@@ -79,6 +79,9 @@ def run(preset: str, out: Path | None, resume_dir: Path | None, overwrite: bool,
         with _progress_bar(quiet) as progress:
             summary = training.resume(resume_dir, progress=progress)
         _print_summary(summary, resume_dir)
+        from escapelab.report import write_report
+
+        click.echo(f"report: {write_report(resume_dir)}")
         return
     cfg = load_config(preset, overrides)
     if out is None:
@@ -92,6 +95,9 @@ def run(preset: str, out: Path | None, resume_dir: Path | None, overwrite: bool,
         summary = training.train(cfg, out, overwrite=overwrite, progress=progress)
     if main_rank:
         _print_summary(summary, out)
+        from escapelab.report import write_report
+
+        click.echo(f"report: {write_report(out)}")
 
 
 @cli.command(help=f"""Run a grid of configurations and aggregate them (paper Figs. 1c, 1d, 4).
@@ -318,6 +324,10 @@ def analyze(run_dir: Path, split: str, samples: int | None, layers: str | None,
             task, description=f"checkpoint {ckpt}, layer {tap}"))
     _print_analysis(result)
     click.echo(f"wrote {run_dir / analysis.CSV_FILE} and {run_dir / analysis.JSON_FILE}")
+    from escapelab.report import REPORT_FILE, write_report
+
+    if (run_dir / REPORT_FILE).exists():  # keep the run's report in step with its data
+        click.echo(f"report: {write_report(run_dir)}")
 
 
 def _print_analysis(result: Any) -> None:
@@ -348,6 +358,25 @@ def _print_analysis(result: Any) -> None:
             cells.append(" ".join(values))
         table.add_row(layer, *cells)
     Console(width=160).print(table)
+
+
+@cli.command(help="""Draw the paper's figures and an HTML report from PATH.
+
+PATH is a run directory, a sweep folder or an LR range test folder. Draws every figure
+its data supports (PNG and PDF under PATH/figures/): 1a (LR range test), 1b (loss and
+gradient norm), 1c/1d (probe accuracy by step size / batch size), 2a-c and 3a-c (after
+`escapelab analyze`), 4 (loss x warm-up), and further series; writes PATH/report.html,
+one self-contained page with the summary, phases, layerwise tables and captions. Reads
+files only: never trains or analyses.
+""")
+@click.argument("path", type=click.Path(path_type=Path))
+def report(path: Path) -> None:
+    from escapelab.report import write_report
+
+    page = write_report(path)
+    figures = sorted(p.stem for p in (path / "figures").glob("*.png"))
+    click.echo(f"figures: {', '.join(figures) or 'none'}")
+    click.echo(f"report: {page}")
 
 
 @cli.command(help=f"""Print the resolved config of a preset with overrides (YAML).

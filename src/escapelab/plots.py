@@ -1,0 +1,256 @@
+"""The paper's figures as pure functions of data read from disk.
+
+Every function takes plain data (records from ``metrics/*.jsonl``, ``analysis.json``,
+``lr_range.json``...) and returns a matplotlib :class:`~matplotlib.figure.Figure`; none
+trains, analyses or reads files. Figures use the object-oriented API (no pyplot state),
+so drawing has no global side effects. Each plotted line carries a ``gid`` naming the
+series it shows, so that tests can read the data back from the figure.
+
+Accuracies are drawn in percent, steps on a symmetric-log axis (0, then log: the escape
+happens within ~10 steps), losses and gradient norms on log axes (exact zeros, as in a
+float32 student that equals its teacher, cannot be drawn there and are left out).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+CHECKPOINT_STYLE = {"T": ("#6b6b6b", "o", "teacher T"), "C": ("#d62728", "s", "collapse C"),
+                    "S": ("#1f77b4", "^", "student S")}
+WIDTH, HEIGHT = 6.4, 4.0
+
+
+def _figure(ncols: int = 1, nrows: int = 1, width: float = WIDTH,
+            height: float = HEIGHT) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    return fig, axes
+
+
+def _colors(n: int, cmap: str = "viridis") -> list[Any]:
+    from matplotlib import colormaps
+
+    return [colormaps[cmap](x) for x in (np.linspace(0.1, 0.9, n) if n > 1 else [0.5])]
+
+
+def _finite(xs: Sequence[Any], ys: Sequence[Any], positive: bool = False,
+            ) -> tuple[list[float], list[float]]:
+    """Pairs whose y is a finite number (and > 0 for log axes)."""
+    out_x, out_y = [], []
+    for x, y in zip(xs, ys, strict=True):
+        if y is None or not math.isfinite(y) or (positive and y <= 0):
+            continue
+        out_x.append(x)
+        out_y.append(y)
+    return out_x, out_y
+
+
+def _steps_axis(ax: Axes, label: str = "step") -> None:
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(f"{label} (symlog)")
+    ax.grid(True, alpha=0.3, which="both")
+
+
+def teacher_line(ax: Axes, value: float | None, label: str = "teacher") -> None:
+    if value is not None:
+        ax.axhline(value, color="black", linestyle="--", linewidth=1.0, label=label,
+                   gid="teacher")
+
+
+# ---------------------------------------------------------------------------------------
+# Fig. 1a
+
+
+def lr_range_figure(payload: dict[str, Any]) -> Figure:
+    """Loss against step size, escape vs supervised: median over seeds with the min-max
+    band, departure (o) and divergence (x) step sizes marked."""
+    fig, (ax,) = _figure()
+    colors = {"escape": "#1f77b4", "supervised": "#ff7f0e"}
+    for curve, band in payload["band"].items():
+        color = colors.get(curve, "#2ca02c")
+        lr, med = _finite(band["lr"], band["median"], positive=True)
+        ax.plot(lr, med, color=color, label=f"{curve} loss (median)", gid=f"{curve}/median")
+        lo_x, lo = _finite(band["lr"], band["min"], positive=True)
+        hi_x, hi = _finite(band["lr"], band["max"], positive=True)
+        if len(lo) == len(hi) == len(lo_x) and lo_x == hi_x and len(lo) > 1:
+            ax.fill_between(lo_x, lo, hi, color=color, alpha=0.2, linewidth=0)
+        info = payload["curves"][curve]
+        for key, marker, word in (("depart_lr", "o", "departs"), ("diverge_lr", "X",
+                                                                   "diverges")):
+            eta = info.get(key)
+            if eta is None or not med:
+                continue
+            y = float(10 ** np.interp(np.log(eta), np.log(lr), np.log10(med)))
+            ax.plot([eta], [y], marker=marker, markersize=10, color=color, linestyle="none",
+                    markeredgecolor="black", label=f"{curve} {word} at eta={eta:.3g}",
+                    gid=f"{curve}/{key}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("step size eta (log)")
+    ax.set_ylabel("training loss (log)")
+    ax.set_title("LR range test: escape vs supervised (Fig. 1a)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Fig. 1b and per-step series
+
+
+def loss_grad_figure(series: dict[str, list[dict[str, Any]]],
+                     diverged: dict[str, bool] | None = None) -> Figure:
+    """Training loss and full-gradient norm over steps, one line per labelled run."""
+    fig, (ax_loss, ax_grad) = _figure(ncols=2)
+    colors = _colors(len(series))
+    for (label, steps), color in zip(series.items(), colors, strict=True):
+        x = [r["step"] for r in steps]
+        for ax, key in ((ax_loss, "loss"), (ax_grad, "grad_norm")):
+            xs, ys = _finite(x, [r[key] for r in steps], positive=True)
+            ax.plot(xs, ys, color=color, linewidth=1.0, label=label, gid=f"{label}/{key}")
+            if diverged and diverged.get(label) and steps:
+                ax.plot([steps[-1]["step"]], [ys[-1] if ys else 1.0], marker="X",
+                        markersize=10, color=color, markeredgecolor="black",
+                        linestyle="none", gid=f"{label}/diverged")
+    for ax, what in ((ax_loss, "training loss"), (ax_grad, "full-gradient norm")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("step (log)")
+        ax.set_ylabel(f"{what} (log)")
+        ax.grid(True, alpha=0.3, which="both")
+    ax_loss.set_title("Training loss (Fig. 1b)")
+    ax_grad.set_title("Gradient norm (Fig. 1b)")
+    ax_loss.legend(fontsize=8)
+    return fig
+
+
+def probe_over_steps_figure(series: dict[str, tuple[list[int], list[float | None]]],
+                            teacher: float | None, title: str,
+                            diverged: dict[str, bool] | None = None,
+                            cmap: str = "viridis", ylabel: str = "linear probe accuracy (%)",
+                            ) -> Figure:
+    """Probe accuracy (fractions, drawn in %) over steps, one line per label, with the
+    teacher's accuracy as a dashed reference; diverged runs end in an X."""
+    fig, (ax,) = _figure()
+    for (label, (steps, acc)), color in zip(series.items(), _colors(len(series), cmap),
+                                            strict=True):
+        xs, ys = _finite(steps, acc)
+        ys = [100 * y for y in ys]
+        name = f"{label} (diverged)" if diverged and diverged.get(label) else label
+        ax.plot(xs, ys, color=color, marker=".", label=name, gid=label)
+        if diverged and diverged.get(label) and xs:
+            ax.plot([xs[-1]], [ys[-1]], marker="X", markersize=11, color=color,
+                    markeredgecolor="black", linestyle="none", gid=f"{label}/diverged")
+    teacher_line(ax, None if teacher is None else 100 * teacher)
+    _steps_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def eval_series_figure(evals: list[dict[str, Any]], teacher: dict[str, Any] | None,
+                       keys: Sequence[tuple[str, str, bool]]) -> Figure:
+    """Further per-evaluation series of one run (key, axis label, log scale), with the
+    teacher's value as reference where it has one."""
+    fig, axes = _figure(ncols=len(keys), width=4.6)
+    steps = [r["step"] for r in evals]
+    for ax, (key, label, log) in zip(axes, keys, strict=True):
+        pct = key.endswith("_acc") or key.endswith("_frac")
+        values = [None if r.get(key) is None else (100 * r[key] if pct else r[key])
+                  for r in evals]
+        xs, ys = _finite(steps, values, positive=log)
+        ax.plot(xs, ys, marker=".", color="#1f77b4", label="student", gid=key)
+        if teacher is not None and teacher.get(key) is not None:
+            teacher_line(ax, 100 * teacher[key] if pct else teacher[key])
+        if log:
+            ax.set_yscale("log")
+        _steps_axis(ax)
+        ax.set_ylabel(label + (" (%)" if pct else "") + (" (log)" if log else ""))
+        ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Figs. 2 and 3: per layer at T, C, S
+
+
+def layer_figure(layers: list[str], values: dict[str, list[Any]], title: str, ylabel: str,
+                 log: bool = False, percent: bool = False, reference: float | None = None,
+                 steps: dict[str, Any] | None = None) -> Figure:
+    """One metric per layer tap (network order), one line per checkpoint."""
+    fig, (ax,) = _figure(width=max(WIDTH, 0.42 * len(layers) + 2))
+    x = list(range(len(layers)))
+    for name, series in values.items():
+        color, marker, label = CHECKPOINT_STYLE.get(name, ("#2ca02c", "D", name))
+        if steps and steps.get(name) is not None:
+            label += f" (step {steps[name]})"
+        scaled = [None if v is None else (100 * v if percent else v) for v in series]
+        xs, ys = _finite(x, scaled, positive=log)
+        ax.plot(xs, ys, color=color, marker=marker, label=label, gid=name)
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1.0)
+    ax.set_xticks(x, layers, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("layer tap (network order)")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Fig. 4
+
+
+def loss_warmup_figure(cells: dict[str, dict[str, dict[str, Any]]]) -> Figure:
+    """cells[schedule][loss] = {"steps": [...], "evals": [...], "diverged": bool}: per
+    schedule (column), the training loss (top) and probe accuracy (bottom) over steps,
+    one colour per loss."""
+    schedules = list(cells)
+    losses = sorted({loss for per in cells.values() for loss in per})
+    colors = dict(zip(losses, _colors(len(losses), "tab10"), strict=True))
+    fig, axes = _figure(ncols=len(schedules), nrows=2, width=4.6, height=3.4)
+    axes = axes.reshape(2, len(schedules))
+    for col, schedule in enumerate(schedules):
+        top, bottom = axes[0, col], axes[1, col]
+        for loss, data in cells[schedule].items():
+            color = colors[loss]
+            label = f"{loss} (diverged)" if data["diverged"] else loss
+            xs, ys = _finite([r["step"] for r in data["steps"]],
+                             [r["loss"] for r in data["steps"]], positive=True)
+            top.plot(xs, ys, color=color, linewidth=1.0, label=label,
+                     gid=f"{schedule}/{loss}/loss")
+            ex, ey = _finite([r["step"] for r in data["evals"]],
+                             [r.get("probe_acc") for r in data["evals"]])
+            bottom.plot(ex, [100 * y for y in ey], color=color, marker=".", label=label,
+                        gid=f"{schedule}/{loss}/probe_acc")
+            if data["diverged"]:
+                for ax, px, py in ((top, xs, ys), (bottom, ex, [100 * y for y in ey])):
+                    if px:
+                        ax.plot([px[-1]], [py[-1]], marker="X", markersize=10, color=color,
+                                markeredgecolor="black", linestyle="none",
+                                gid=f"{schedule}/{loss}/diverged")
+        teachers = [d["teacher"] for d in cells[schedule].values()
+                    if d.get("teacher") is not None]
+        teacher_line(bottom, 100 * teachers[0] if teachers else None)
+        top.set_title(schedule)
+        top.set_xscale("log")
+        top.set_yscale("log")
+        top.set_xlabel("step (log)")
+        top.set_ylabel("training loss (log)")
+        top.grid(True, alpha=0.3, which="both")
+        _steps_axis(bottom)
+        bottom.set_ylabel("linear probe accuracy (%)")
+        top.legend(fontsize=8)
+    fig.suptitle("Stabilizing huge step sizes: loss x warm-up (Fig. 4)")
+    return fig

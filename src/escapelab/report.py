@@ -1,0 +1,470 @@
+"""Figures and a readable HTML report from what a run, sweep or LR range test left on disk.
+
+``write_report(PATH)`` draws every figure the data in PATH supports (PNG and PDF under
+``PATH/figures/``) and writes ``PATH/report.html``: one self-contained file with the
+figures embedded, the config, the summary, phase labels, layerwise tables, and a caption
+per figure saying what to look for and what the paper found. Nothing here trains or
+analyses: it only reads files (the run directory is the only bridge).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from escapelab import plots
+from escapelab.errors import EscapelabError
+from escapelab.store import EVALS_FILE, STEPS_FILE, RunDir, atomic_write_text, read_json
+
+REPORT_FILE = "report.html"
+
+
+@dataclass
+class Drawn:
+    """One figure of a report."""
+
+    id: str
+    title: str
+    caption: str
+    figure: Figure
+
+
+@dataclass
+class RunData:
+    path: Path
+    config_text: str
+    summary: dict[str, Any] | None
+    steps: list[dict[str, Any]]
+    evals: list[dict[str, Any]]  # student evaluations
+    teacher: dict[str, Any] | None
+    analysis: dict[str, Any] | None
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.summary and self.summary.get("status") in ("diverged", "capped"))
+
+
+def load_run(path: Path) -> RunData:
+    run = RunDir.open(path)
+    evals = run.read_jsonl(EVALS_FILE)
+    analysis = path / "analysis.json"
+    return RunData(
+        path=path,
+        config_text=(path / "config.yaml").read_text(),
+        summary=run.read_json("summary.json") if run.finished else None,
+        steps=run.read_jsonl(STEPS_FILE),
+        evals=[r for r in evals if r["model"] == "student"],
+        teacher=next((r for r in evals if r["model"] == "teacher"), None),
+        analysis=read_json(analysis) if analysis.exists() else None,
+    )
+
+
+def kind_of(path: Path) -> str:
+    if (path / "sweep.json").exists():
+        return "sweep"
+    if (path / "lr_range.json").exists():
+        return "lr-range"
+    if (path / "config.yaml").exists() and (path / "metrics").is_dir():
+        return "run"
+    raise EscapelabError(f"{path} is not a run directory, a sweep folder or an LR range "
+                         "test folder (no config.yaml + metrics/, sweep.json or "
+                         "lr_range.json)")
+
+
+# ---------------------------------------------------------------------------------------
+# Captions: what to look for, and what the paper found
+
+CAPTIONS = {
+    "fig1a": "LR range test: the training loss while the step size grows exponentially, "
+             "for the escape loss and for the same network trained on labels. Circles mark "
+             "where a curve departs from its starting level, crosses where it diverges. "
+             "The paper (CIFAR-10, VGG11) finds the supervised loss diverging near eta = 10 "
+             "while the escape from the teacher happens in two steps, the second near "
+             "eta = 500: escaping needs step sizes far beyond what supervised training "
+             "tolerates.",
+    "fig1b": "Training loss and norm of the full gradient over steps. Look for the spike "
+             "within the first few steps (the escape), the overshoot into a plateau of "
+             "small loss and gradient (the collapse), and, under full-batch gradient "
+             "descent, a gradient norm that grows until it oscillates before the probe "
+             "accuracy recovers (paper Fig. 1b).",
+    "fig1c": "Linear-probe accuracy of the student's encoder over training, one line per "
+             "step size (mean over seeds); dashed: the teacher. The paper sees no progress "
+             "at eta = 32, then a collapse (accuracy drops) followed by recovery above the "
+             "teacher that grows with the step size, and unrecoverable collapse beyond "
+             "eta = 1e4 within 20k steps.",
+    "fig1d": "Linear-probe accuracy over training, one line per batch size up to full-batch "
+             "gradient descent, at eta = 1e4 (mean over seeds); dashed: the teacher. The "
+             "paper: with less gradient noise the model takes longer to uncollapse, but "
+             "full-batch gradient descent still escapes and ends above the teacher: large "
+             "step sizes, not noise, drive the escape.",
+    "fig1": "Linear-probe accuracy of the student's encoder over training; dashed: the "
+            "teacher. Look for the drop right after the escape (the collapse) and the "
+            "recovery above the teacher (paper Figs. 1c, 1d).",
+    "fig2a": "Effective rank (exp of the entropy of the normalized singular values) of each "
+             "layer's representation at the teacher T, the collapse C and the final student "
+             "S. The paper: the teacher is rank deficient, the collapse drives the rank to "
+             "single digits, and the student keeps more rank per layer than the teacher.",
+    "fig2b": "Fraction of dead units (zero on every sample; conv units per channel and "
+             "position) per layer. The paper: some neurons are dead at initialization, up "
+             "to 60% at the collapse, and the student recovers.",
+    "fig2c": "Condition number (largest singular value over the one at which 99.9% of the "
+             "singular-value mass is reached) per layer. The paper: the student's features "
+             "are better conditioned than at collapse and at initialization.",
+    "fig3a": "Between-class variance tr(Sigma_b) per layer. The paper finds it much higher "
+             "at the collapse than for the student or the teacher.",
+    "fig3b": "Fisher discriminant tr(pinv(Sigma_w) Sigma_b) relative to the teacher's at "
+             "the same layer (dashed line: 1 = the teacher). The paper: the student "
+             "separates classes better than the teacher; the collapsed network cannot.",
+    "fig3b_kmeans": "The discriminant of Fig. 3b with k-means cluster assignments in place "
+                    "of the labels (the paper's footnote 1: no labels needed).",
+    "fig3c": "Layerwise linear-probe accuracy. The paper: the teacher encodes good features "
+             "in early layers that deteriorate with depth (loss of signal); the escape "
+             "preserves them better.",
+    "fig4": "MSE, ND-MSE and N-MSE under a constant step size and linear warm-ups: training "
+            "loss (top) and probe accuracy (bottom). The paper (App. A): plain MSE diverges "
+            "at such step sizes; a detached normalization (ND-MSE) with a slow warm-up and "
+            "N-MSE stabilize the dynamics.",
+    "extra_eval": "Further series measured at each evaluation: kNN accuracy, effective "
+                  "rank and dead-unit fraction of the encoder output; dashed: the teacher.",
+    "extra_distance": "Distance of the student's parameters to the teacher's, "
+                      "||theta - theta_T||, after each step: it starts at the realized "
+                      "1e-10 offset and jumps by many orders of magnitude at the escape.",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Figures of a run
+
+
+def run_figures(data: RunData) -> list[Drawn]:
+    out: list[Drawn] = []
+    label = "this run" + (" (diverged)" if data.diverged else "")
+    if data.steps:
+        out.append(Drawn("fig1b_loss_grad", "Training loss and gradient norm",
+                         CAPTIONS["fig1b"], plots.loss_grad_figure(
+                             {label: data.steps}, {label: data.diverged})))
+        out.append(Drawn("extra_distance", "Distance to the teacher", CAPTIONS[
+            "extra_distance"], plots.eval_series_figure(
+                data.steps, None, [("dist_teacher", "||theta - theta_T||", True)])))
+    if data.evals:
+        teacher_acc = data.teacher.get("probe_acc") if data.teacher else None
+        out.append(Drawn("fig1_probe", "Linear probe over training", CAPTIONS["fig1"],
+                         plots.probe_over_steps_figure(
+                             {label: ([r["step"] for r in data.evals],
+                                      [r.get("probe_acc") for r in data.evals])},
+                             teacher_acc, "Linear probe over training",
+                             {label: data.diverged})))
+        out.append(Drawn("extra_eval", "kNN accuracy, rank and dead units over training",
+                         CAPTIONS["extra_eval"], plots.eval_series_figure(
+                             data.evals, data.teacher,
+                             [("knn_acc", "kNN accuracy (k=20)", False),
+                              ("erank", "encoder effective rank", False),
+                              ("dead_frac", "dead encoder units", False)])))
+    if data.analysis is not None:
+        out.extend(analysis_figures(data.analysis))
+    return out
+
+
+def _series(analysis: dict[str, Any], checkpoint: str, metric: str) -> list[Any]:
+    table = {r["layer"]: r["value"] for r in analysis["rows"]
+             if r["checkpoint"] == checkpoint and r["metric"] == metric}
+    return [table.get(layer) for layer in analysis["layers"]]
+
+
+def analysis_figures(analysis: dict[str, Any]) -> list[Drawn]:
+    names = [n for n in ("T", "C", "S") if n in analysis["checkpoints"]]
+    steps = {n: analysis["checkpoints"][n].get("step") for n in names}
+    metrics = {r["metric"] for r in analysis["rows"]}
+    specs = [
+        ("fig2a_erank", "erank", "Effective rank per layer (Fig. 2a)", "effective rank", True,
+         False, None, "fig2a"),
+        ("fig2b_dead", "dead_frac", "Dead units per layer (Fig. 2b)", "dead units (%)", False,
+         True, None, "fig2b"),
+        ("fig2c_condition", "condition_number", "Condition number per layer (Fig. 2c)",
+         "condition number at 99.9% mass (log)", True, False, None, "fig2c"),
+        ("fig3a_between", "tr_between", "Between-class variance per layer (Fig. 3a)",
+         "tr(Sigma_b) (log)", True, False, None, "fig3a"),
+        ("fig3b_discriminant", "discriminant_rel_teacher",
+         "Discriminant relative to the teacher (Fig. 3b)",
+         "tr(pinv(S_w) S_b) / teacher's (log)", True, False, 1.0, "fig3b"),
+        ("fig3b_kmeans", "kmeans_discriminant_rel_teacher",
+         "Label-free discriminant relative to the teacher (k-means)",
+         "k-means tr(pinv(S_w) S_b) / teacher's (log)", True, False, 1.0, "fig3b_kmeans"),
+        ("fig3c_layer_probe", "probe_acc", "Layerwise linear probe (Fig. 3c)",
+         "linear probe accuracy (%)", False, True, None, "fig3c"),
+    ]
+    out = []
+    for fid, metric, title, ylabel, log, pct, ref, caption in specs:
+        if metric not in metrics:
+            continue
+        values = {n: _series(analysis, n, metric) for n in names}
+        out.append(Drawn(fid, title, CAPTIONS[caption], plots.layer_figure(
+            analysis["layers"], values, title, ylabel, log=log, percent=pct, reference=ref,
+            steps=steps)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Figures of a sweep
+
+
+def _mean_over_seeds(runs: list[RunData], key: str) -> tuple[list[int], list[float | None]]:
+    by_step: dict[int, list[float]] = {}
+    for run in runs:
+        for r in run.evals:
+            v = r.get(key)
+            by_step.setdefault(r["step"], [])
+            if v is not None and math.isfinite(v):
+                by_step[r["step"]].append(v)
+    steps = sorted(by_step)
+    return steps, [float(np.mean(by_step[s])) if by_step[s] else None for s in steps]
+
+
+def _sort_key(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1 if value == "full" else 2, math.inf, value)
+
+
+def sweep_groups(path: Path) -> tuple[list[str], dict[str, list[RunData]], dict[str, dict]]:
+    """Runs of a sweep grouped by their non-seed values (label -> runs), in value order."""
+    meta = read_json(path / "sweep.json")
+    axes = [a for a in meta["axes"] if a != "seed"]
+    groups: dict[str, list[RunData]] = {}
+    values: dict[str, dict] = {}
+    for point in meta["points"]:
+        run_dir = path / "runs" / point["run"]
+        if not (run_dir / "config.yaml").exists():
+            continue
+        label = ", ".join(f"{_axis_name(a)}={point['values'][a]}" for a in axes) or "runs"
+        groups.setdefault(label, []).append(load_run(run_dir))
+        values[label] = {a: point["values"][a] for a in axes}
+    if len(axes) == 1:
+        order = sorted(groups, key=lambda g: _sort_key(values[g][axes[0]]))
+        groups = {g: groups[g] for g in order}
+    return axes, groups, values
+
+
+def _axis_name(axis: str) -> str:
+    return {"optim.lr": "eta", "data.batch_size": "B", "loss.name": "loss"}.get(
+        axis, axis.rsplit(".", 1)[-1])
+
+
+def sweep_figures(path: Path) -> list[Drawn]:
+    axes, groups, values = sweep_groups(path)
+    if not groups:
+        return []
+    diverged = {g: any(r.diverged for r in runs) for g, runs in groups.items()}
+    probe = {g: _mean_over_seeds(runs, "probe_acc") for g, runs in groups.items()}
+    teachers = [r.teacher["probe_acc"] for runs in groups.values() for r in runs
+                if r.teacher and r.teacher.get("probe_acc") is not None]
+    teacher = float(np.mean(teachers)) if teachers else None
+    out = []
+    if axes == ["optim.lr"]:
+        out.append(Drawn("fig1c_probe_by_lr", "Probe accuracy by step size (Fig. 1c)",
+                         CAPTIONS["fig1c"], plots.probe_over_steps_figure(
+                             probe, teacher, "Probe accuracy by step size (Fig. 1c)",
+                             diverged)))
+    elif axes == ["data.batch_size"]:
+        out.append(Drawn("fig1d_probe_by_batch", "Probe accuracy by batch size (Fig. 1d)",
+                         CAPTIONS["fig1d"], plots.probe_over_steps_figure(
+                             probe, teacher, "Probe accuracy by batch size (Fig. 1d)",
+                             diverged, cmap="plasma")))
+        first = {g: runs[0].steps for g, runs in groups.items()}
+        out.append(Drawn("fig1b_loss_grad", "Loss and gradient norm by batch size (Fig. 1b)",
+                         CAPTIONS["fig1b"] + " One seed per batch size.",
+                         plots.loss_grad_figure(first, {g: runs[0].diverged
+                                                        for g, runs in groups.items()})))
+    elif "loss.name" in axes and len(axes) == 2:
+        other = next(a for a in axes if a != "loss.name")
+        cells: dict[str, dict[str, dict[str, Any]]] = {}
+        for g, runs in groups.items():
+            run = runs[0]
+            cells.setdefault(values[g][other], {})[values[g]["loss.name"]] = {
+                "steps": run.steps, "evals": run.evals, "diverged": run.diverged,
+                "teacher": run.teacher.get("probe_acc") if run.teacher else None}
+        out.append(Drawn("fig4_loss_warmup", "Loss x warm-up (Fig. 4)", CAPTIONS["fig4"]
+                         + " One seed per cell.", plots.loss_warmup_figure(cells)))
+    else:
+        out.append(Drawn("fig_sweep_probe", "Probe accuracy per configuration",
+                         CAPTIONS["fig1"], plots.probe_over_steps_figure(
+                             probe, teacher, "Probe accuracy per configuration", diverged)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The HTML page
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; line-height: 1.45; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #444; max-width: 900px; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.phase-escapes { color: #2a7a2a; font-weight: bold; } .phase-diverges { color: #b00; }
+.phase-collapses { color: #b06000; } .phase-stays { color: #555; }
+"""
+
+
+def _fmt(value: Any, pct: bool = False) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        if pct:
+            return f"{100 * value:.2f}%"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _summary_section(summary: dict[str, Any] | None) -> str:
+    if summary is None:
+        return "<p><b>This run has not finished</b> (no summary.json): figures show what " \
+               "was recorded so far.</p>"
+    pct = {"teacher_probe_acc", "final_probe_acc", "min_probe_acc", "probe_acc_collapse",
+           "teacher_knn_acc", "final_knn_acc", "gain", "dead_frac_teacher",
+           "dead_frac_collapse", "dead_frac_final", "changed_frac"}
+    rows = [[html.escape(k), html.escape(_fmt(v, k in pct))] for k, v in summary.items()]
+    return _table(["summary", "value"], rows)
+
+
+def _layer_table(analysis: dict[str, Any]) -> str:
+    names = [n for n in ("T", "C", "S") if n in analysis["checkpoints"]]
+    metrics = [("erank", "erank", False), ("dead_frac", "dead", True),
+               ("condition_number", "cond", False),
+               ("discriminant_rel_teacher", "disc/T", False), ("probe_acc", "probe", True)]
+    present = {r["metric"] for r in analysis["rows"]}
+    metrics = [m for m in metrics if m[0] in present]
+    header = ["layer"] + [f"{short} {n}" for _, short, _ in metrics for n in names]
+    series = {(m, n): _series(analysis, n, m) for m, _, _ in metrics for n in names}
+    rows = []
+    for i, layer in enumerate(analysis["layers"]):
+        rows.append([html.escape(layer)] + [html.escape(_fmt(series[(m, n)][i], pct))
+                                            for m, _, pct in metrics for n in names])
+    return _table(header, rows)
+
+
+def _sweep_section(path: Path) -> str:
+    import csv
+
+    parts = []
+    for name, title in (("table.csv", "Aggregate over seeds"), ("runs.csv", "Every run")):
+        file = path / name
+        if not file.exists():
+            continue
+        with file.open() as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            continue
+        header = [h for h in rows[0] if not h.endswith("_std") and h != "error"]
+        body = []
+        for r in rows:
+            cells = []
+            for h in header:
+                v = r[h]
+                if h in ("phase",):
+                    cells.append(f'<span class="phase-{html.escape(v)}">{html.escape(v)}'
+                                 "</span>")
+                else:
+                    try:
+                        num = float(v)
+                        std = r.get(h.replace("_mean", "_std"))
+                        text = f"{num:.4g}" + (f" ± {float(std):.2g}" if h.endswith("_mean")
+                                               and std not in (None, "") else "")
+                    except ValueError:
+                        text = v or "-"
+                    cells.append(html.escape(text))
+            body.append(cells)
+        parts.append(f"<h3>{title} ({name})</h3>" + _table(header, body))
+    return "".join(parts)
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_report(path: Path | str) -> Path:
+    """Draw every figure the data in `path` supports and write ``report.html``."""
+    path = Path(path)
+    kind = kind_of(path)
+    title = f"escapelab {kind}: {path.name}"
+    sections: list[str] = []
+    drawn: list[Drawn]
+    if kind == "run":
+        data = load_run(path)
+        drawn = run_figures(data)
+        sections.append("<h2>Summary</h2>" + _summary_section(data.summary))
+        if data.analysis is not None:
+            sections.append("<h2>Layerwise analysis</h2><p>Per layer tap at the teacher T, "
+                            "the collapse C and the student S (see Figs. 2 and 3 below; "
+                            "analysis.csv has every metric).</p>" + _layer_table(data.analysis))
+        else:
+            sections.append("<p>No layerwise analysis yet: run <code>escapelab analyze "
+                            f"{html.escape(str(path))}</code> and then <code>escapelab "
+                            "report</code> again for Figs. 2 and 3.</p>")
+        config = data.config_text
+    elif kind == "sweep":
+        drawn = sweep_figures(path)
+        sections.append("<h2>Runs and phases</h2><p>Phases: <i>stays</i> at the teacher, "
+                        "<i>escapes</i> and ends at least 0.5 points of probe accuracy above "
+                        "it, <i>collapses</i> (drops below it and does not end above), "
+                        "<i>diverges</i> (non-finite loss).</p>" + _sweep_section(path))
+        config = (path / "sweep.json").read_text()
+    else:
+        payload = read_json(path / "lr_range.json")
+        drawn = [Drawn("fig1a_lr_range", "LR range test (Fig. 1a)", CAPTIONS["fig1a"],
+                       plots.lr_range_figure(payload))]
+        rows = [[html.escape(c), _fmt(info["depart_lr"]), _fmt(info["diverge_lr"])]
+                for c, info in payload["curves"].items()]
+        sections.append("<h2>Detected step sizes (median over seeds)</h2>"
+                        + _table(["curve", "departs at eta", "diverges at eta"], rows)
+                        + f"<p>Rules: {html.escape(payload['rules'])}</p>")
+        config = str(payload["options"])
+    figures_dir = path / "figures"
+    figures_dir.mkdir(exist_ok=True)
+    figure_html = []
+    for d in drawn:
+        png = _png(d.figure)
+        (figures_dir / f"{d.id}.png").write_bytes(png)
+        d.figure.savefig(figures_dir / f"{d.id}.pdf")
+        encoded = base64.b64encode(png).decode()
+        figure_html.append(
+            f'<figure id="{d.id}"><img src="data:image/png;base64,{encoded}" '
+            f'alt="{html.escape(d.title)}"><figcaption><b>{html.escape(d.title)}.</b> '
+            f"{html.escape(d.caption)}</figcaption></figure>")
+    page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1>"
+            "<p>Escaping a random teacher: a student initialized next to a frozen random "
+            "teacher and trained with huge step sizes first collapses, then recovers "
+            "better representations than the teacher (Sarnthein et al.). This page is "
+            "drawn from the files in this folder only.</p>"
+            + "".join(sections)
+            + "<h2>Figures</h2>" + ("".join(figure_html) or "<p>No data to draw yet.</p>")
+            + "<h2>Configuration</h2><details><summary>show</summary><pre>"
+            + html.escape(config) + "</pre></details></body></html>\n")
+    atomic_write_text(path / REPORT_FILE, page)
+    return path / REPORT_FILE
+
