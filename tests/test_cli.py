@@ -27,6 +27,8 @@ def test_run_end_to_end_on_tiny_data(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert f"{100 * summary['final_probe_acc']:.2f}%" in result.stdout
+    assert f"report: {out / 'report.html'}" in result.stdout
+    assert (out / "figures" / "fig1_probe.png").exists()
     again = _run("run", "--out", str(out), *tiny_overrides())
     assert again.returncode == 2 and "already holds a run" in again.stderr
 
