@@ -207,3 +207,12 @@ def test_float64_run_realizes_the_offset(tiny_config, tmp_path):
     assert summary["loss_init"] > 0
     tensors, _ = RunDir(tmp_path / "r").load_checkpoint("S")
     assert all(t.dtype == torch.float64 for t in tensors.values())
+
+
+def test_denormal_flushing_does_not_leak_out_of_training(tiny_config, tmp_path):
+    from escapelab.train import flushing_denormals
+
+    assert not flushing_denormals()
+    train(tiny_config(**{"train.steps": 3, "train.flush_denormal": True}), tmp_path / "r")
+    assert not flushing_denormals()
+    assert float(torch.tensor([1e-40]) * 1.0) > 0  # subnormals survive after a run

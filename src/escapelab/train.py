@@ -96,11 +96,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def flushing_denormals() -> bool:
+    """Whether the CPU currently flushes denormal floats to zero (there is no getter)."""
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    return float((tiny * 1.0)[0]) == 0.0
+
+
+@contextmanager
+def denormals_flushed(enabled: bool) -> Iterator[None]:
+    """Flush denormals to zero inside the block only (a process-wide CPU flag)."""
+    if not enabled:
+        yield
+        return
+    before = flushing_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 def setup_torch(cfg: Config) -> torch.device:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if cfg.train.flush_denormal:
-        torch.set_flush_denormal(True)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     return resolve_device(cfg.device)
@@ -460,7 +478,7 @@ def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Prog
 
     status, reason, step_done = "completed", None, start
     params = list(student.parameters())
-    with stop_requests() as stop:
+    with stop_requests() as stop, denormals_flushed(cfg.train.flush_denormal):
         for step in range(start + 1, d.total_steps + 1):
             if stop_now(stop["stop"]):
                 save_resumable(step_done)
