@@ -407,7 +407,8 @@ def print_table(result: dict[str, Any]) -> None:
     if cfg["reason"]:
         print(f"({cfg['reason']})")
     head = (f"{'tap':<8} {'d':>6} {'gram':>5} {'X MiB':>6} | {'ours s':>7} {'+MiB':>6} | "
-            f"{'naive s':>8} {'+MiB':>6} | {'t x':>6} {'mem x':>5} | {'max rel diff':>12}")
+            f"{'naive s':>8} {'+MiB':>6} | {'t x':>6} {'mem x':>5} | {'rel diff':>8} "
+            f"{'at res.':>8}")
     print(head)
     print("-" * len(head))
     for r in result["taps"]:
@@ -422,7 +423,7 @@ def print_table(result: dict[str, Any]) -> None:
             flag = "" if ag["within_tol"] else " !"
             line += (f"{nv['time_s']:>7.2f}{_mark(nv) or ' '} {_mib(nv['extra_peak_bytes']):>6} | "
                      f"{r['time_ratio']:>6.1f} {r['peak_ratio']:>5.1f} | "
-                     f"{ag['max_reldiff']:>12.1e}{flag}")
+                     f"{ag['max_reldiff']:>8.1e} {ag['max_reldiff_at_resolution']:>8.1e}{flag}")
         else:
             line += _naive_cell(r)
         print(line)
@@ -446,8 +447,15 @@ def print_table(result: dict[str, Any]) -> None:
         ok = b["agreement_within_tol"]
         print(f"  agreement: max relative difference {b['max_reldiff']:.1e} "
               f"({b['worst_metric']} at {b['worst_tap']}); "
-              + ("all metrics agree to 1e-6 and dead units match on every tap"
-                 if ok else f"NOT within 1e-6 on: {', '.join(b['taps_outside_tol'])}"))
+              + (f"all metrics agree to {AGREEMENT_TOL:g} and dead units match on every tap"
+                 if ok else f"NOT within {AGREEMENT_TOL:g} on: "
+                 f"{', '.join(b['taps_outside_tol'])}"))
+        print("  per metric: " + ", ".join(f"{k} {v:.1e}"
+                                           for k, v in b["max_reldiff_by_metric"].items())
+              + f"; dead units differ on {b['dead_units_mismatches']} taps")
+        print(f"  with the naive singular values below escapelab's documented resolution "
+              f"(sqrt(max(n, d) eps) s_max) set to zero: max relative difference "
+              f"{b['max_reldiff_at_resolution']:.1e}")
     else:
         print("no tap where both methods completed: no ratios and no agreement check")
     if s["contended_timings"]:
@@ -460,7 +468,10 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"benchmark wall time {result['wall_s']:.1f} s "
           f"(features {result['features']['time_s']:.1f} s)")
     print(f"[t x / mem x: naive/ours time and peak (X + extra); +MiB: extra peak above the "
-          f"worker's baseline with X loaded; '!': disagreement above {AGREEMENT_TOL:g}]")
+          f"worker's baseline with X loaded; rel diff: max relative difference over erank, "
+          f"condition number, traces and discriminant; at res.: the same with the naive "
+          f"singular values below escapelab's documented resolution zeroed; '!': rel diff "
+          f"above {AGREEMENT_TOL:g} or dead units differ]")
 
 
 def summarize(taps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -511,6 +522,9 @@ def summarize(taps: list[dict[str, Any]]) -> dict[str, Any]:
             "worst_metric": worst["agreement"]["worst_metric"], "worst_tap": worst["tap"],
             "max_reldiff_by_metric": {k: max(r["agreement"]["reldiff"][k] for r in both)
                                       for k in RESULT_KEYS},
+            "max_reldiff_at_resolution": max(r["agreement"]["max_reldiff_at_resolution"]
+                                             for r in both),
+            "dead_units_mismatches": sum(not r["agreement"]["dead_units_equal"] for r in both),
             "taps_outside_tol": [r["tap"] for r in both if not r["agreement"]["within_tol"]],
             "agreement_within_tol": all(r["agreement"]["within_tol"] for r in both),
         })

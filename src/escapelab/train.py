@@ -377,8 +377,9 @@ def resume(out: Path | str, progress: Progress | None = None) -> dict[str, Any]:
     step = int(meta["step"])
     setup.student.load_state_dict({k[len("student."):]: v for k, v in tensors.items()
                                    if k.startswith("student.")})
-    run.truncate_jsonl(STEPS_FILE, lambda r: r["step"] <= step)
-    run.truncate_jsonl(EVALS_FILE, lambda r: r["model"] == "teacher" or r["step"] <= step)
+    if setup.ranks.main:  # records after the checkpoint are recomputed
+        run.truncate_jsonl(STEPS_FILE, lambda r: r["step"] <= step)
+        run.truncate_jsonl(EVALS_FILE, lambda r: r["model"] == "teacher" or r["step"] <= step)
     tracker = Tracker(**meta["tracker"])
     return _loop(run, setup, start=step, tracker=tracker, progress=progress, state=tensors)
 
