@@ -276,3 +276,28 @@ def test_kmeans_labels_recover_clusters():
     labels = kmeans_labels(x, 3, seed=0)
     # Same partition up to renaming.
     assert len({(a, b) for a, b in zip(labels, y, strict=True)}) == 3
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_discriminant_fast_path_and_fallback(monkeypatch, shape):
+    """Well-conditioned scatter: a Cholesky solve, no eigendecomposition; rank-deficient
+    or constant features: the exact eigendecomposition. Both equal the reference."""
+    import escapelab.metrics as m
+
+    calls = []
+    original = m._eigh
+    monkeypatch.setattr(m, "_eigh", lambda mat, vectors: (calls.append(vectors),
+                                                           original(mat, vectors))[1])
+    rng = np.random.default_rng(7)
+    y = np.arange(shape[0]) % 5
+    x = rng.standard_normal(shape)
+    want, _ = ref_fisher(x, y)
+    assert fisher_separability(x, y)["discriminant"] == pytest.approx(
+        want["discriminant"], rel=1e-6)
+    assert True not in calls
+    low = rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1]))
+    low[:, 0] = 2.5  # a constant feature too
+    want, _ = ref_fisher(low, y)
+    assert fisher_separability(low, y)["discriminant"] == pytest.approx(
+        want["discriminant"], rel=1e-6)
+    assert True in calls

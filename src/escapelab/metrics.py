@@ -10,10 +10,13 @@ How it is computed
 ------------------
 Everything is derived in float64 from the *smaller* Gram matrix of the exactly
 centered data: the d x d matrix (X - mu)^T (X - mu) when d <= n, or the n x n matrix
-(X - mu)(X - mu)^T when d > n, each accumulated chunk by chunk so that no float64 copy
-of X and no SVD of X is ever formed. The uncentered Gram follows from it by a rank-one
-(d <= n) or rank-two (d > n) correction. When d > n, separability is computed in the
-span of the data (kernel form), so no d x d matrix of a wide layer is ever formed.
+(X - mu)(X - mu)^T when d > n, each accumulated chunk by chunk (upper block triangle
+only, mirrored once) so that no float64 copy of X and no SVD of X is ever formed. The
+uncentered Gram follows from it by a rank-one (d <= n) or rank-two (d > n) correction.
+When d > n, separability is computed in the span of the data (kernel form), so no
+d x d matrix of a wide layer is ever formed. The discriminant's pseudo-inverse is a
+Cholesky solve whenever every eigenvalue provably exceeds the cut-off (then the
+pseudo-inverse is the inverse), and an eigendecomposition otherwise.
 
 Precision: singular values come from Gram eigenvalues, so values below
 sqrt(max(n, d) * eps) * sigma_max (~1e-7 relative) are not resolved and count as zero;
@@ -71,6 +74,52 @@ def _threshold(values: Tensor, size: int) -> Tensor:
     return torch.where(values > tol, values, torch.zeros_like(values))
 
 
+def _blocks(size: int) -> list[slice]:
+    """Row blocks for the symmetric Gram update: at most 8, of at least 512 rows."""
+    count = max(1, min(8, size // 512))
+    edges = [round(i * size / count) for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def _add_outer(gram: Tensor, a: Tensor) -> None:
+    """gram += a a^T on the upper block triangle only (about half the flops of a full
+    product); :func:`_symmetrize` mirrors it once at the end."""
+    parts = _blocks(a.shape[0])
+    for i, rows in enumerate(parts):
+        for cols in parts[i:]:
+            gram[rows, cols].addmm_(a[rows], a[cols].T)
+
+
+def _symmetrize(gram: Tensor) -> None:
+    """Mirror the upper block triangle filled by :func:`_add_outer` (diagonal blocks are
+    computed whole and are symmetric already)."""
+    for i, rows in enumerate(parts := _blocks(gram.shape[0])):
+        for cols in parts[i + 1:]:
+            gram[cols, rows] = gram[rows, cols].T
+
+
+def _solve_if_well_conditioned(matrix: Tensor, rhs: Tensor, floor: float) -> Tensor | None:
+    """matrix^{-1} rhs when every eigenvalue of the symmetric `matrix` provably exceeds
+    `floor` (a Cholesky factorization of matrix - floor * I exists), else None.
+
+    Then no eigenvalue is dropped by the pseudo-inverse, which equals the inverse: one
+    Cholesky factorization (n^3 / 3 flops) instead of an eigendecomposition (~9 n^3)."""
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    _, info = torch.linalg.cholesky_ex(matrix - floor * eye)
+    if int(info) != 0:
+        return None
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        return None
+    return torch.cholesky_solve(rhs, factor)
+
+
+def _lambda_max_bound(matrix: Tensor) -> float:
+    """An upper bound on the largest eigenvalue of a PSD matrix: min(trace, max row
+    sum of absolute values)."""
+    return min(float(matrix.trace()), float(matrix.abs().sum(1).max()))
+
+
 class GramView:
     """A feature matrix X (n, d) seen through its smaller float64 Gram matrix.
 
@@ -86,22 +135,28 @@ class GramView:
         self.device = x.device
         f64 = torch.float64
         self.mean = torch.zeros(self.d, dtype=f64, device=self.device)
+        lo = torch.full((self.d,), math.inf, dtype=f64, device=self.device)
+        hi = torch.full((self.d,), -math.inf, dtype=f64, device=self.device)
         for rows in self._row_chunks():
-            self.mean += x[rows].to(f64).sum(0)
+            chunk = x[rows].to(f64)
+            self.mean += chunk.sum(0)
+            lo = torch.minimum(lo, chunk.amin(0))
+            hi = torch.maximum(hi, chunk.amax(0))
         self.mean /= max(self.n, 1)
+        self.constant = lo == hi  # features without variance: no scatter at all
         self.by_features = self.d <= self.n
         if self.by_features:  # G_c = (X - mu)^T (X - mu), d x d
             self.gram = torch.zeros(self.d, self.d, dtype=f64, device=self.device)
             for rows in self._row_chunks():
-                xc = x[rows].to(f64) - self.mean
-                self.gram.addmm_(xc.T, xc)
+                _add_outer(self.gram, (x[rows].to(f64) - self.mean).T)
         else:  # K_c = (X - mu)(X - mu)^T, n x n, and g = (X - mu) mu
             self.gram = torch.zeros(self.n, self.n, dtype=f64, device=self.device)
             self.g = torch.zeros(self.n, dtype=f64, device=self.device)
             for cols in self._col_chunks():
                 xc = x[:, cols].to(f64) - self.mean[cols]
-                self.gram.addmm_(xc, xc.T)
+                _add_outer(self.gram, xc)
                 self.g += xc @ self.mean[cols]
+        _symmetrize(self.gram)
 
     def _row_chunks(self) -> list[slice]:
         step = max(1, CHUNK_BYTES // (8 * max(self.d, 1)))
@@ -153,13 +208,23 @@ class GramView:
             scaled = sums / counts.sqrt()[:, None]  # rows S_c / sqrt(n_c)
             tr_total = float(self.gram.trace()) / n
             tr_between = float((scaled * scaled).sum()) / n
-            within = (self.gram - scaled.T @ scaled) / n  # Sigma_w, d x d
-            values, vecs = _eigh(within, vectors=True)
-            assert vecs is not None
-            coords = scaled @ vecs  # (C, d): class-mean directions in Sigma_w's eigenbasis
-            # tr(pinv(Sigma_w) Sigma_b) = sum_c sum_k (v_k . S_c)^2 / (n n_c lambda_k)
-            inv = self._pinv_values(values, rtol, tr_total)
-            discriminant = float(((coords * coords) * inv).sum()) / n
+            # Constant features have no scatter: dropping them is exact.
+            keep = ~self.constant
+            scaled, gram = scaled[:, keep], self.gram[keep][:, keep]
+            within = (gram - scaled.T @ scaled) / n  # Sigma_w, d x d
+            floor = self._floor(_lambda_max_bound(within) if keep.any() else 0.0, rtol,
+                                tr_total)
+            solved = (_solve_if_well_conditioned(within, scaled.T, floor)
+                      if keep.any() and floor > 0 else None)
+            if solved is not None:  # tr(Sigma_w^{-1} Sigma_b) = sum_c S_c^T Sigma_w^{-1} S_c / n
+                discriminant = float((scaled.T * solved).sum()) / n
+            else:
+                values, vecs = _eigh(within, vectors=True)
+                assert vecs is not None
+                coords = scaled @ vecs  # class-mean directions in Sigma_w's eigenbasis
+                # tr(pinv(Sigma_w) Sigma_b) = sum_c sum_k (v_k . S_c)^2 / (n n_c lambda_k)
+                inv = self._pinv_values(values, rtol, tr_total)
+                discriminant = float(((coords * coords) * inv).sum()) / n
         else:
             # Kernel form. With A (n, C), A_c = 1_c / sqrt(n_c): Sigma_b = X_c^T A A^T X_c / n.
             amat = onehot / counts.sqrt()
@@ -170,16 +235,33 @@ class GramView:
             proj = lambda m: m - amat @ (amat.T @ m)  # noqa: E731  (I - P) m
             kw = proj(proj(self.gram).T)
             kw = (kw + kw.T) / 2
-            values, vecs = _eigh(kw, vectors=True)
-            assert vecs is not None
             # pinv(Sigma_w) = n pinv(W^T W) with W = (I - P) X_c, and W^+ = W^T pinv(K_w),
             # so tr(pinv(Sigma_w) Sigma_b) = || pinv(K_w) (I - P) K_c A ||_F^2.
-            b = vecs.T @ proj(ka)  # (n, C) in K_w's eigenbasis
-            inv = self._pinv_values(values, rtol, tr_total * n)
-            discriminant = float(((b * b) * (inv * inv)[:, None]).sum())
+            rhs = proj(ka)  # (n, C), in the range of I - P
+            top = _lambda_max_bound(kw)
+            floor = self._floor(top, rtol, tr_total * n)
+            # K_w vanishes on the class indicators (range of P); on the rest it is
+            # usually definite. Then K_w + c P is invertible, and on the range of I - P
+            # its inverse is pinv(K_w).
+            solved = None
+            if floor > 0 and top / self.n > floor:
+                shifted = kw + (top / self.n) * (amat @ amat.T)
+                solved = _solve_if_well_conditioned(shifted, rhs, floor)
+            if solved is not None:
+                discriminant = float((solved * solved).sum())
+            else:
+                values, vecs = _eigh(kw, vectors=True)
+                assert vecs is not None
+                b = vecs.T @ rhs  # (n, C) in K_w's eigenbasis
+                inv = self._pinv_values(values, rtol, tr_total * n)
+                discriminant = float(((b * b) * (inv * inv)[:, None]).sum())
         tr_within = max(tr_total - tr_between, 0.0)
         return {"tr_between": tr_between, "tr_within": tr_within, "tr_total": tr_total,
                 "discriminant": discriminant}
+
+    def _floor(self, top: float, rtol: float, total: float) -> float:
+        """The pseudo-inverse's cut-off, with an upper bound `top` of lambda_max."""
+        return max(rtol * top, max(self.n, self.d) * torch.finfo(torch.float64).eps * total)
 
     def _pinv_values(self, values: Tensor, rtol: float, total: float) -> Tensor:
         """1 / lambda for the eigenvalues of Sigma_w (or K_w) kept by the pseudo-inverse,
