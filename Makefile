@@ -1,5 +1,6 @@
 # Two entry points for a fresh clone:
-#   make run    install everything into .venv, then run the main job (digits default)
+#   make run    install everything into .venv, then run the main job on the digits
+#               default: the escape experiment, its layerwise analysis and the report
 #   make test   install everything into .venv (and, as root, the single-node Slurm the
 #               cluster test starts), then lint, type-check and run the whole test suite
 #
@@ -8,6 +9,9 @@
 #   make run TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
 
 VENV ?= .venv
+ifndef OUT
+OUT := runs/digits-$(shell date +%Y%m%d-%H%M%S)
+endif
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.escapelab-installed
@@ -23,7 +27,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/escapelab run $(ARGS)
+	$(VENV)/bin/escapelab run --out $(OUT) $(ARGS)
+	$(VENV)/bin/escapelab analyze $(OUT)
 
 test: $(STAMP)
 	./scripts/install-system-test-deps.sh
