@@ -104,10 +104,13 @@ def _solve_if_well_conditioned(matrix: Tensor, rhs: Tensor, floor: float) -> Ten
 
     Then no eigenvalue is dropped by the pseudo-inverse, which equals the inverse: one
     Cholesky factorization (n^3 / 3 flops) instead of an eigendecomposition (~9 n^3)."""
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    _, info = torch.linalg.cholesky_ex(matrix - floor * eye)
+    diagonal = matrix.diagonal()  # shifted in place and back: no n x n temporary
+    diagonal.sub_(floor)
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    diagonal.add_(floor)
     if int(info) != 0:
         return None
+    del factor
     factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) != 0:
         return None
@@ -175,11 +178,10 @@ class GramView:
         if center:
             matrix = self.gram
         elif self.by_features:  # X^T X = G_c + n mu mu^T
-            matrix = self.gram + self.n * torch.outer(self.mean, self.mean)
-        else:  # X X^T = K_c + g 1^T + 1 g^T + |mu|^2 1 1^T
-            ones = torch.ones(self.n, dtype=torch.float64, device=self.device)
-            matrix = (self.gram + torch.outer(self.g, ones) + torch.outer(ones, self.g)
-                      + float(self.mean @ self.mean))
+            matrix = torch.addr(self.gram, self.mean, self.mean, alpha=self.n)
+        else:  # X X^T = K_c + g 1^T + 1 g^T + |mu|^2 1 1^T, built in one new matrix
+            matrix = self.gram + self.g[:, None]
+            matrix.add_(self.g[None, :]).add_(float(self.mean @ self.mean))
         values, _ = _eigh(matrix, vectors=False)
         return _threshold(values, max(self.n, self.d)).cpu()
 
@@ -210,8 +212,10 @@ class GramView:
             tr_between = float((scaled * scaled).sum()) / n
             # Constant features have no scatter: dropping them is exact.
             keep = ~self.constant
-            scaled, gram = scaled[:, keep], self.gram[keep][:, keep]
-            within = (gram - scaled.T @ scaled) / n  # Sigma_w, d x d
+            scaled = scaled[:, keep]
+            within = (self.gram.clone() if bool(keep.all())
+                      else self.gram[keep][:, keep])  # Sigma_w, d x d, built in place:
+            within.addmm_(scaled.T, scaled, alpha=-1.0).div_(n)
             floor = self._floor(_lambda_max_bound(within) if keep.any() else 0.0, rtol,
                                 tr_total)
             solved = (_solve_if_well_conditioned(within, scaled.T, floor)
@@ -232,12 +236,12 @@ class GramView:
             tr_total = float(self.gram.trace()) / n
             tr_between = float((amat * ka).sum()) / n
             # K_w = (I - P) K_c (I - P), P = A A^T the class-mean projector.
-            proj = lambda m: m - amat @ (amat.T @ m)  # noqa: E731  (I - P) m
-            kw = proj(proj(self.gram).T)
-            kw = (kw + kw.T) / 2
+            kw = self.gram.clone()  # (I - P) K_c (I - P), updated in place
+            kw.addmm_(amat, amat.T @ kw, alpha=-1.0)
+            kw.addmm_(kw @ amat, amat.T, alpha=-1.0)
             # pinv(Sigma_w) = n pinv(W^T W) with W = (I - P) X_c, and W^+ = W^T pinv(K_w),
             # so tr(pinv(Sigma_w) Sigma_b) = || pinv(K_w) (I - P) K_c A ||_F^2.
-            rhs = proj(ka)  # (n, C), in the range of I - P
+            rhs = ka - amat @ (amat.T @ ka)  # (I - P) K_c A, (n, C)
             top = _lambda_max_bound(kw)
             floor = self._floor(top, rtol, tr_total * n)
             # K_w vanishes on the class indicators (range of P); on the rest it is
@@ -245,8 +249,9 @@ class GramView:
             # its inverse is pinv(K_w).
             solved = None
             if floor > 0 and top / self.n > floor:
-                shifted = kw + (top / self.n) * (amat @ amat.T)
-                solved = _solve_if_well_conditioned(shifted, rhs, floor)
+                kw.addmm_(amat, amat.T, alpha=top / self.n)  # K_w + c P, in place
+                solved = _solve_if_well_conditioned(kw, rhs, floor)
+                kw.addmm_(amat, amat.T, alpha=-top / self.n)
             if solved is not None:
                 discriminant = float((solved * solved).sum())
             else:
