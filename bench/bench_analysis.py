@@ -40,6 +40,8 @@ bench/README.md for the numbers measured on the development machine.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -54,18 +56,19 @@ from pathlib import Path
 from typing import Any
 
 # Defaults. At n = 10,000 and full width our method alone takes far more than 10 minutes
-# on a 2-core CPU (measured: 306 s for conv1 alone; the n x n float64 Gram of conv1 is
-# 1.3e13 flops, and each tap with d > n needs two 10k x 10k eigendecompositions), so the
-# default keeps the real full-width architecture (tap dimensions up to 65,536; the wide
-# taps still have d > n) with fewer samples. `--n 10000` runs the full size.
+# on a 2-core CPU (about 4 minutes for conv1 alone: its n x n float64 Gram costs ~1e13
+# flops and, conv1 being rank-deficient, the discriminant needs a 10k x 10k
+# eigendecomposition), so the default keeps the real full-width architecture (tap
+# dimensions up to 65,536; the wide taps still have d > n) with fewer samples.
+# `--n 10000` runs the full size. Measured numbers: bench/README.md.
 DEFAULT_N = 2000
 DEFAULT_WIDTH = 1.0
 DEFAULT_NAIVE_BUDGET_S = 300.0
 DEFAULT_REASON = (
     f"default n={DEFAULT_N} at full width, chosen to finish in under 10 min on a 2-core CPU: "
-    "at n=10,000 our method alone took 306 s on conv1 there and far more than 10 min over all "
-    "taps (bench/README.md). Full width keeps the real VGG11 tap dimensions (d up to 65,536); "
-    "--n 10000 runs the full size."
+    "at n=10,000 our method alone takes minutes per wide tap there (conv1 ~4 min) and far "
+    "more than 10 min over all taps (bench/README.md). Full width keeps the real VGG11 tap "
+    "dimensions (d up to 65,536); --n 10000 runs the full size."
 )
 NUM_CLASSES = 10
 MASS = 0.999
@@ -109,6 +112,31 @@ def _contention(before: tuple[float, float, float]) -> dict[str, float]:
     capacity = max(wall, 1e-9) * (os.cpu_count() or 1)
     return {"cpu_s": own, "own_share": own / capacity,
             "other_share": max(busy - own, 0.0) / capacity}
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def code_version() -> dict[str, Any]:
+    """What is being benchmarked: the hash of escapelab/metrics.py, the git commit, the
+    git tree of src/ and whether src/ has uncommitted changes (read-only git queries)."""
+    spec = importlib.util.find_spec("escapelab.metrics")
+    origin = spec.origin if spec else None
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "src")
+    return {"metrics_sha256": _sha256(origin) if origin else None,
+            "git_head": git("rev-parse", "HEAD"), "git_src_tree": git("rev-parse", "HEAD:src"),
+            "src_uncommitted_changes": None if status is None else bool(status)}
 
 
 def _meminfo(key: str) -> int:
@@ -251,7 +279,10 @@ def worker_ours(spec: dict[str, Any]) -> dict[str, Any]:
     fisher = view.fisher(labels, PINV_RTOL)
     t4 = time.perf_counter()
     peak = _maxrss_bytes()
+    import escapelab.metrics
+
     return {
+        "metrics_sha256": _sha256(escapelab.metrics.__file__),
         "time_s": t4 - t0, "cpu": _contention(cpu0),
         "breakdown_s": {"dead_units": t1 - t0, "gram": t2 - t1, "spectrum": t3 - t2,
                         "fisher": t4 - t3},
@@ -460,6 +491,14 @@ def print_table(result: dict[str, Any]) -> None:
               f"{b['max_reldiff_at_resolution']:.1e}")
     else:
         print("no tap where both methods completed: no ratios and no agreement check")
+    code = result["code"]
+    print(f"code: git {code['start']['git_head']}, escapelab/metrics.py sha256 "
+          f"{str(code['start']['metrics_sha256'])[:12]}"
+          + (", src/ has uncommitted changes" if code["start"]["src_uncommitted_changes"]
+             else ""))
+    if not code["consistent"]:
+        print("WARNING: escapelab's code changed during the benchmark (src/ tree, src/ status "
+              "or metrics.py differ between start, end and workers): results mix versions")
     if s["contended_timings"]:
         print(f"WARNING: other processes used more than {CONTENTION_LIMIT:.0%} of the CPUs "
               f"during {len(s['contended_timings'])} timings (marked *; max "
@@ -534,8 +573,22 @@ def summarize(taps: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def code_check(start: dict[str, Any], end: dict[str, Any], rows: list[dict[str, Any]],
+               ) -> dict[str, Any]:
+    """The code version at start and end, and whether every worker of our method ran the
+    same escapelab/metrics.py (it is imported afresh by each worker). Commits that do not
+    touch src/ do not count as a change."""
+    seen = sorted({r["ours"]["metrics_sha256"] for r in rows if r["ours"]["status"] == "ok"})
+    keys = ("metrics_sha256", "git_src_tree", "src_uncommitted_changes")
+    consistent = (all(start.get(k) == end.get(k) for k in keys)
+                  and seen in ([], [start["metrics_sha256"]]))
+    return {"start": start, "end": end, "worker_metrics_sha256": seen,
+            "consistent": consistent}
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
+    code_start = code_version()
     threads = args.threads
     workdir = Path(tempfile.mkdtemp(prefix="bench_analysis_", dir=args.workdir))
     try:
@@ -621,6 +674,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                           "extra; each (tap, method) in a fresh subprocess",
         "features": {"time_s": feats["time_s"]},
         "taps": rows,
+        "code": code_check(code_start, code_version(), rows),
         "summary": summarize(rows),
         "wall_s": time.perf_counter() - t_start,
     }
