@@ -94,7 +94,8 @@ CAPTIONS = {
              "within the first few steps (the escape), the overshoot into a plateau of "
              "small loss and gradient (the collapse), and, under full-batch gradient "
              "descent, a gradient norm that grows until it oscillates before the probe "
-             "accuracy recovers (paper Fig. 1b).",
+             "accuracy recovers (paper Fig. 1b). Steps where the student still equals the "
+             "teacher exactly (loss and gradient 0) cannot appear on the log scale.",
     "fig1c": "Linear-probe accuracy of the student's encoder over training, one line per "
              "step size (mean over seeds); dashed: the teacher. The paper sees no progress "
              "at eta = 32, then a collapse (accuracy drops) followed by recovery above the "
@@ -131,7 +132,9 @@ CAPTIONS = {
     "fig4": "MSE, ND-MSE and N-MSE under a constant step size and linear warm-ups: training "
             "loss (top) and probe accuracy (bottom). The paper (App. A): plain MSE diverges "
             "at such step sizes; a detached normalization (ND-MSE) with a slow warm-up and "
-            "N-MSE stabilize the dynamics.",
+            "N-MSE stabilize the dynamics. On the small digits convnet, ND-MSE instead "
+            "drives every encoder unit dead once the step size passes ~1e3, warm-up or not "
+            "(a collapse without recovery); N-MSE is the stable choice there.",
     "extra_eval": "Further series measured at each evaluation: kNN accuracy, effective "
                   "rank and dead-unit fraction of the encoder output; dashed: the teacher.",
     "extra_distance": "Distance of the student's parameters to the teacher's, "
