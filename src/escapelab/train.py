@@ -82,6 +82,28 @@ def init_ranks(device: torch.device) -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
+@contextmanager
+def joined(ranks: Ranks) -> Iterator[None]:
+    """Leave torchrun's process group cleanly at the end of a run: the ranks meet at a
+    barrier (rank 0 finishes its writing first), then every rank destroys the group.
+    A rank that exits while its peers still hold gloo connections can be aborted by
+    gloo's background threads. On an exception the group is destroyed without waiting."""
+    if ranks.world == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def resolve_device(name: str) -> torch.device:
     import os
 
@@ -313,6 +335,12 @@ def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
     if Ranks.from_env().main:
         RunDir.ensure_free(out, overwrite)
     setup = build(cfg)  # before anything is written: a bad set-up leaves no run behind
+    with joined(setup.ranks):
+        return _start(cfg, out, setup, overwrite, progress)
+
+
+def _start(cfg: Config, out: Path | str, setup: Setup, overwrite: bool,
+           progress: Progress | None) -> dict[str, Any]:
     if not setup.ranks.main:  # under torch.distributed only rank 0 writes
         return _loop(RunDir(out), setup, start=0, tracker=Tracker(), progress=None)
     run = RunDir.create(out, overwrite=overwrite)
@@ -381,7 +409,9 @@ def resume(out: Path | str, progress: Progress | None = None) -> dict[str, Any]:
         run.truncate_jsonl(STEPS_FILE, lambda r: r["step"] <= step)
         run.truncate_jsonl(EVALS_FILE, lambda r: r["model"] == "teacher" or r["step"] <= step)
     tracker = Tracker(**meta["tracker"])
-    return _loop(run, setup, start=step, tracker=tracker, progress=progress, state=tensors)
+    with joined(setup.ranks):
+        return _loop(run, setup, start=step, tracker=tracker, progress=progress,
+                     state=tensors)
 
 
 def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Progress | None,
