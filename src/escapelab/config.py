@@ -31,7 +31,6 @@ from pydantic import (
 
 from escapelab.errors import ConfigError
 
-LOSSES_ESCAPE = ("mse", "nmse", "ndmse", "dino")
 LOSSES_SUPERVISED = ("ce", "onehot_mse")
 
 
