@@ -69,18 +69,32 @@ class SyntheticConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["digits", "cifar10", "cifar100", "synthetic"] = Field(
+    name: Literal["digits", "cifar10", "cifar100", "mnist", "fashion-mnist", "synthetic",
+                  "npz", "folder"] = Field(
         "digits", description="Data set. 'digits' is scikit-learn's 8x8 digits (1797 images, "
         "embedded, no download); 'cifar10' / 'cifar100' read the official python archives "
-        "(the paper uses CIFAR-10); 'synthetic' draws clustered images.")
+        "(the paper uses CIFAR-10); 'mnist' / 'fashion-mnist' read the official IDX files "
+        "(28x28 grayscale, 60000 train + 10000 test, 10 classes; Fashion-MNIST is the harder "
+        "drop-in for MNIST, and Debian's dataset-fashion-mnist package is found without a "
+        "download); 'npz' and 'folder' read your own images from data.path; 'synthetic' "
+        "draws clustered images.")
     root: str | None = Field(
-        None, description="Folder holding cifar-10-python.tar.gz / cifar-100-python.tar.gz "
-        "or their extracted folders. Default: $ESCAPELAB_DATA, else ./data.")
-    download: bool = Field(True, description="Download a missing CIFAR archive (MD5-checked) "
-                           "when the network allows.")
-    verify_md5: bool = Field(True, description="Check a CIFAR archive against the official "
-                             "MD5 before reading it.")
-    test_size: float = Field(0.3, gt=0, lt=1, description="digits/synthetic only: fraction "
+        None, description="Folder holding the official files: cifar-10-python.tar.gz / "
+        "cifar-100-python.tar.gz or their extracted folders; the four MNIST / Fashion-MNIST "
+        "IDX files (.gz or not) in <root>/mnist/ or <root>/fashion-mnist/ (or in <root> "
+        "itself). Default: $ESCAPELAB_DATA, else ./data.")
+    path: str | None = Field(
+        None, description="npz / folder only (required there). npz: an .npz file with "
+        "x_train, y_train, x_test, y_test (Keras' layout; images N x H x W, N x H x W x C or "
+        "N x C x H x W, uint8 0..255 or float; labels integers 0..K-1, every class in "
+        "y_train). folder: a folder with one sub-folder of images per class, all images of "
+        "one size (torchvision's ImageFolder layout); split by data.test_size.")
+    download: bool = Field(True, description="Download a missing CIFAR archive or MNIST / "
+                           "Fashion-MNIST files (MD5-checked) when the network allows.")
+    verify_md5: bool = Field(True, description="Check CIFAR archives and the decompressed "
+                             "MNIST / Fashion-MNIST files against the official MD5s before "
+                             "use; false reads modified copies (say so when reporting).")
+    test_size: float = Field(0.3, gt=0, lt=1, description="digits / folder only: fraction "
                              "of images in the fixed stratified test split.")
     split_seed: int = Field(0, description="Seed of the train/test split and of subsets; kept "
                             "apart from `seed` so that every run shares one split.")
@@ -99,6 +113,17 @@ class DataConfig(_Section):
         None, ge=1, description="Split each batch into micro-batches of this size and "
         "accumulate to exactly the batch's mean gradient (memory only; same result).")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _path_matches_name(self) -> DataConfig:
+        if self.name in ("npz", "folder") and not self.path:
+            what = ("an .npz file with x_train, y_train, x_test, y_test" if self.name == "npz"
+                    else "a folder with one sub-folder of images per class")
+            raise ValueError(f"data.name={self.name} needs data.path: {what}")
+        if self.name not in ("npz", "folder") and self.path is not None:
+            raise ValueError(f"data.path is read only by data.name=npz or folder; "
+                             f"data.name={self.name} would ignore it")
+        return self
 
 
 class ModelConfig(_Section):

@@ -1,24 +1,43 @@
-"""Data sets as tensors: digits (embedded), CIFAR-10/100 (official archives), synthetic.
+"""Data sets as tensors: digits (embedded), CIFAR-10/100, MNIST, Fashion-MNIST, your own.
 
 Every loader returns a :class:`Dataset` of image tensors (N, C, H, W) and integer
 labels (N,), split into train and test, optionally reduced to a deterministic
 stratified subset and standardized per channel with training statistics. Small data
 sets live whole on the training device, so the training loop does no host work.
 
+Where the files come from (``data.name``):
+
+- ``cifar10`` / ``cifar100``: the official python-version archives, or their extracted
+  folders, in the data root (``data.root``, else ``$ESCAPELAB_DATA``, else ``./data``).
+- ``mnist`` / ``fashion-mnist``: the four official IDX files, gzipped or not, looked for in
+  ``<root>/mnist/`` (``<root>/fashion-mnist/``), then in ``<root>`` itself, then (Fashion-
+  MNIST only) in ``/usr/share/datasets/fashion-mnist/``, where Debian's
+  ``dataset-fashion-mnist`` package puts them. The first folder holding all four wins.
+  MD5s are checked on the decompressed bytes, so re-compressed copies such as Debian's pass.
+- ``npz``: one ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test`` (Keras' layout).
+- ``folder``: ``data.path/<class>/<image>`` (torchvision's ImageFolder layout), with a fixed
+  stratified test split like digits.
+
 CIFAR batches are Python pickles. They are read with an unpickler that admits only
 what the official files contain (a dict of bytes, lists and uint8 NumPy arrays): any
-other global a crafted pickle names is refused before anything runs.
+other global a crafted pickle names is refused before anything runs. ``.npz`` files are
+read with pickles refused altogether.
 """
 
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
+import struct
 import tarfile
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,6 +92,12 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raw = _digits(cfg)
     elif cfg.name == "synthetic":
         raw = _synthetic(cfg)
+    elif cfg.name in IDX_SPECS:
+        raw = _idx(cfg)
+    elif cfg.name == "npz":
+        raw = _npz(cfg)
+    elif cfg.name == "folder":
+        raw = _folder(cfg)
     else:
         raw = _cifar(cfg)
     x_tr, y_tr, x_te, y_te, n_classes = raw
@@ -111,14 +136,26 @@ Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 
 def _digits(cfg: DataConfig) -> Raw:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8) in [0, 1]
     y = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=cfg.test_size, stratify=y,
-                                              random_state=cfg.split_seed)
-    return x_tr, y_tr, x_te, y_te, 10
+    return (*_fixed_split(x, y, cfg, "digits"), 10)
+
+
+def _fixed_split(x: np.ndarray, y: np.ndarray, cfg: DataConfig,
+                 source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_test, y_test): the stratified data.test_size split, fixed by
+    data.split_seed so that every run of a sweep sees the same test images."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=cfg.test_size, stratify=y,
+                                                  random_state=cfg.split_seed)
+    except ValueError as exc:  # e.g. fewer test images than classes
+        raise DataError(f"{source}: cannot make a stratified test split with "
+                        f"data.test_size={cfg.test_size} ({exc})") from None
+    return x_tr, y_tr, x_te, y_te
 
 
 def _synthetic(cfg: DataConfig) -> Raw:
@@ -168,7 +205,7 @@ CIFAR_SPECS = {
 
 
 def data_root(cfg: DataConfig) -> Path:
-    """Where CIFAR archives are looked for: data.root, else $ESCAPELAB_DATA, else ./data."""
+    """Where official data files are looked for: data.root, else $ESCAPELAB_DATA, else ./data."""
     return Path(cfg.root or os.environ.get("ESCAPELAB_DATA") or "data").expanduser()
 
 
@@ -230,6 +267,17 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fetch(url: str, dest: Path) -> None:
+    """Stream `url` into `dest`; on failure remove the partial file and re-raise."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, dest.open("wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except OSError:
+        dest.unlink(missing_ok=True)
+        raise
+
+
 def _locate_cifar(cfg: DataConfig, spec: _CifarSpec) -> Path:
     """The extracted folder or the archive, downloading the archive if allowed."""
     root = data_root(cfg)
@@ -247,11 +295,8 @@ def _locate_cifar(cfg: DataConfig, spec: _CifarSpec) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     part = archive.with_name(archive.name + ".part")
     try:
-        with urllib.request.urlopen(spec.url, timeout=30) as response, part.open("wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
+        _fetch(spec.url, part)
     except OSError as exc:
-        part.unlink(missing_ok=True)
         raise DataError(f"{cfg.name} not found in {root} and the download from {spec.url} "
                         f"failed ({exc}). {where}.") from None
     got = _md5(part)
@@ -293,3 +338,377 @@ def _cifar(cfg: DataConfig) -> Raw:
     x_tr, y_tr = stack(spec.train)
     x_te, y_te = stack(spec.test)
     return x_tr, y_tr, x_te, y_te, spec.classes
+
+
+# ---------------------------------------------------------------------------------------
+# MNIST and Fashion-MNIST from the official IDX files
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+# MD5 of each file *after* decompression. The content, not the .gz, is checked because
+# gzip output depends on the compressor's level and timestamp: Debian's
+# dataset-fashion-mnist re-compressed the release, so its .gz MD5s differ from the
+# published ones while the bytes inside are identical. Tests monkeypatch this table.
+# Sources: MNIST, the extracted-file MD5s in prabhuomkar/pytorch-cpp,
+# cmake/fetch_mnist.cmake (MNIST_EXTRACTED_FILE_MD5S; several other projects that verify
+# extracted files list the same four). Fashion-MNIST, the raw-file MD5s listed by public
+# projects that verify extracted files (e.g. torchvision-based FashionMNIST wrappers'
+# `raw_data`, tutorials' `md5sum` of the gunzipped release), confirmed here against
+# `zcat /usr/share/datasets/fashion-mnist/*.gz | md5sum` of Debian's package.
+IDX_MD5: dict[str, dict[str, str]] = {
+    "mnist": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+
+
+@dataclass(frozen=True)
+class _IdxSpec:
+    folder: str  # sub-folder of the data root, and where downloads go
+    mirrors: tuple[str, ...]  # base URLs serving <file>.gz, tried in order
+    system: str | None = None  # a distribution package's read-only folder
+    package: str | None = None  # the Debian package that fills it
+
+    def folders(self, root: Path) -> list[Path]:
+        """Where the four files are looked for, in order."""
+        found = [root / self.folder, root]
+        return found + [Path(self.system)] if self.system else found
+
+
+IDX_SPECS = {
+    # LeCun's site first (the official home); it has at times refused downloads, so
+    # torchvision's copy of the same files follows.
+    "mnist": _IdxSpec("mnist", ("http://yann.lecun.com/exdb/mnist/",
+                                "https://ossci-datasets.s3.amazonaws.com/mnist/")),
+    "fashion-mnist": _IdxSpec(
+        "fashion-mnist", ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        system="/usr/share/datasets/fashion-mnist", package="dataset-fashion-mnist"),
+}
+
+
+def read_idx(raw: bytes, source: str, ndim: int) -> np.ndarray:
+    """The uint8 array of shape given by its header, from the bytes of an IDX file.
+
+    Layout (big-endian): magic 0x0000080D (0x08 = unsigned byte, D = ndim), then D sizes
+    as uint32, then the data row-major: 16 header bytes for images (D = 3), 8 for labels.
+    """
+    header = 4 + 4 * ndim
+    kind = "images" if ndim == 3 else "labels"
+    if len(raw) < header:
+        raise DataError(f"{source}: truncated, {len(raw)} bytes is shorter than the "
+                        f"{header}-byte IDX header of {kind}")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != 0x800 + ndim:
+        hint = ("; it looks gzip-compressed, so name it *.gz" if raw[:2] == b"\x1f\x8b"
+                else "; is it the right file?")
+        raise DataError(f"{source}: bad magic number 0x{magic:08x}, expected "
+                        f"0x{0x800 + ndim:08x} (IDX uint8 {kind}){hint}")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + math.prod(shape)  # exact: a crafted header cannot overflow it
+    dims = " x ".join(str(d) for d in shape)
+    if min(shape) == 0:
+        raise DataError(f"{source}: the header declares {dims} {kind}, i.e. none")
+    if len(raw) < expected:
+        raise DataError(f"{source}: truncated, the header declares {dims} {kind} "
+                        f"({expected} bytes) but the file has {len(raw)}")
+    if len(raw) > expected:
+        raise DataError(f"{source}: {len(raw) - expected} bytes after the {dims} {kind} "
+                        "its header declares")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _unit_float(pixels: np.ndarray) -> np.ndarray:
+    """uint8 0..255 as a C-contiguous float32 copy in [0, 1], scaled in place (one copy)."""
+    out = np.ascontiguousarray(pixels, dtype=np.float32)
+    out /= 255
+    return out
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    """`name` or `name.gz` in `folder` (the uncompressed one first), if either exists."""
+    for path in (folder / name, folder / f"{name}.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _gunzip(data: bytes, source: str) -> bytes:
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+        raise DataError(f"{source}: not a readable gzip file ({exc})") from None
+
+
+def _idx_bytes(path: Path) -> bytes:
+    """The file's content, decompressed if it ends in .gz."""
+    data = path.read_bytes()
+    return _gunzip(data, str(path)) if path.suffix == ".gz" else data
+
+
+def _locate_idx(cfg: DataConfig, spec: _IdxSpec) -> dict[str, Path]:
+    """The four files, from the first folder holding all of them, downloading if allowed."""
+    root = data_root(cfg)
+    for folder in spec.folders(root):
+        found = {name: _idx_file(folder, name) for name in IDX_FILES}
+        if all(found.values()):
+            return {name: path for name, path in found.items() if path is not None}
+    target = root / spec.folder
+    where = (f"Put {', '.join(f + '.gz' for f in IDX_FILES)} (gzipped or not, from "
+             f"{spec.mirrors[0]}) into {target}/, or point data.root / $ESCAPELAB_DATA at "
+             "their folder")
+    if spec.package:
+        where += f"; or `apt-get install {spec.package}`, which puts them in {spec.system}/"
+    places = ", ".join(str(f) for f in spec.folders(root))
+    if not cfg.download:
+        raise DataError(f"{cfg.name} not found in {places}. {where}.")
+    target.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name in IDX_FILES:
+        paths[name] = _idx_file(target, name) or _download_idx(cfg, spec, target, name, where)
+    return paths
+
+
+def _download_idx(cfg: DataConfig, spec: _IdxSpec, target: Path, name: str,
+                  where: str) -> Path:
+    """target/<name>.gz from the first mirror whose file decompresses to the official MD5,
+    checked whatever data.verify_md5 says (a download is never trusted)."""
+    path = target / f"{name}.gz"
+    part = path.with_name(path.name + ".part")
+    expected = IDX_MD5[cfg.name][name]
+    failures = []
+    for base in spec.mirrors:
+        url = base + path.name
+        try:
+            _fetch(url, part)
+            got = hashlib.md5(_gunzip(part.read_bytes(), url)).hexdigest()
+        except (OSError, DataError) as exc:
+            part.unlink(missing_ok=True)
+            failures.append(f"{url}: {exc}")
+            continue
+        if got == expected:
+            part.replace(path)
+            return path
+        part.unlink()
+        failures.append(f"{url} decompresses to md5 {got}, expected {expected}")
+    raise DataError(f"{cfg.name} not found in {target} and the download failed "
+                    f"({'; '.join(failures)}). {where}.")
+
+
+def _read_idx_file(path: Path, name: str, cfg: DataConfig) -> np.ndarray:
+    """Images (N, H, W) or labels (N,) uint8 of one file, header- and MD5-checked."""
+    raw = _idx_bytes(path)
+    array = read_idx(raw, str(path), ndim=3 if "images" in name else 1)
+    if cfg.verify_md5:
+        got, expected = hashlib.md5(raw).hexdigest(), IDX_MD5[cfg.name][name]
+        if got != expected:
+            raise DataError(f"{path}: decompressed content has md5 {got}, not the official "
+                            f"{expected} of {name}; replace it, or set data.verify_md5=false "
+                            "to read it anyway")
+    return array
+
+
+def _idx_split(paths: dict[str, Path], split: str,
+               cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 1, H, W) float32 in [0, 1] and labels (N,) of split 'train' or 't10k'."""
+    image_name, label_name = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+    image_path, label_path = paths[image_name], paths[label_name]
+    images = _read_idx_file(image_path, image_name, cfg)
+    labels = _read_idx_file(label_path, label_name, cfg)
+    if len(images) != len(labels):
+        raise DataError(f"{image_path} holds {len(images)} images but {label_path} holds "
+                        f"{len(labels)} labels")
+    if labels.max() > 9:
+        at = int(np.argmax(labels > 9))
+        raise DataError(f"{label_path}: label {labels[at]} at index {at} is outside 0..9")
+    return _unit_float(images[:, None]), labels.astype(np.int64)
+
+
+def _idx(cfg: DataConfig) -> Raw:
+    paths = _locate_idx(cfg, IDX_SPECS[cfg.name])
+    x_tr, y_tr = _idx_split(paths, "train", cfg)
+    x_te, y_te = _idx_split(paths, "t10k", cfg)
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"{cfg.name}: training images are {x_tr.shape[2]}x{x_tr.shape[3]} "
+                        f"but test images {x_te.shape[2]}x{x_te.shape[3]}")
+    return x_tr, y_tr, x_te, y_te, 10
+
+
+# ---------------------------------------------------------------------------------------
+# Your own data: an .npz archive in Keras' layout
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The four arrays of the archive, with pickled (object) arrays refused."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    if isinstance(archive, np.ndarray):
+        raise DataError(f"{path} holds a single array; save x_train, y_train, x_test, "
+                        "y_test together with np.savez")
+    with archive:
+        missing = [key for key in NPZ_KEYS if key not in archive.files]
+        if missing:
+            raise DataError(f"{path} lacks {', '.join(missing)} (it holds "
+                            f"{', '.join(archive.files) or 'nothing'}); save x_train, "
+                            "y_train, x_test, y_test (Keras' names)")
+        arrays = {}
+        for key in NPZ_KEYS:
+            try:
+                arrays[key] = archive[key]
+            except ValueError as exc:  # object arrays need pickle, which is refused
+                problem = ("is an object array, and pickled data is refused; save plain "
+                           "numeric arrays" if "allow_pickle" in str(exc) else str(exc))
+                raise DataError(f"{path}: '{key}' {problem}") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise DataError(f"{path}: cannot read '{key}' ({exc})") from None
+    return arrays
+
+
+def _npz_images(x: np.ndarray, source: str) -> np.ndarray:
+    """(N, C, H, W) float32 from N x H x W, N x H x W x C or N x C x H x W.
+
+    A 4-d array is channels-last when its last size is 1, 3 or 4 and its second is not;
+    otherwise channels-first. uint8 is scaled by 1/255; floats are kept as they are.
+    """
+    if x.ndim not in (3, 4) or x.shape[0] == 0:
+        raise DataError(f"{source} has shape {x.shape}; expected N x H x W, N x H x W x C "
+                        "or N x C x H x W with N >= 1")
+    if x.dtype == np.uint8:
+        scaled = _unit_float(x)
+    elif np.issubdtype(x.dtype, np.floating):
+        scaled = x.astype(np.float32)
+        if not np.isfinite(scaled).all():
+            first = int(np.argmin(np.isfinite(scaled).reshape(len(x), -1).all(axis=1)))
+            raise DataError(f"{source} holds NaN or infinite pixels (first in image {first})")
+    else:
+        raise DataError(f"{source} has dtype {x.dtype}; give uint8 (0..255, scaled by "
+                        "1/255) or floating point (kept as is)")
+    if scaled.ndim == 3:
+        return scaled[:, None]
+    channels_last = x.shape[3] in (1, 3, 4) and x.shape[1] not in (1, 3, 4)
+    return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2)) if channels_last else scaled
+
+
+def _npz_labels(y: np.ndarray, source: str, n_images: int, images: str) -> np.ndarray:
+    """(N,) int64 labels from (N,) or Keras' (N, 1), each a non-negative integer."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{source} has shape {y.shape}; expected ({n_images},) integer "
+                        "labels (for one-hot rows, save their argmax)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{source} has dtype {y.dtype}; labels must be integers 0..K-1")
+    if len(y) != n_images:
+        raise DataError(f"{images} holds {n_images} images but {source} holds {len(y)} "
+                        "labels")
+    if y.min() < 0:
+        raise DataError(f"{source} holds the negative label {y.min()}; labels must be "
+                        "integers 0..K-1")
+    return y.astype(np.int64)
+
+
+def _npz(cfg: DataConfig) -> Raw:
+    """Classes are 0..K-1 with K = 1 + the largest label; each must have a training image
+    (so a one-based 1..K labelling, or a test label no training image has, is refused)."""
+    path = Path(str(cfg.path)).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path={cfg.path}: no such file; give an .npz with x_train, "
+                        "y_train, x_test, y_test")
+    arrays = _npz_arrays(path)
+    x_tr = _npz_images(arrays["x_train"], f"{path}: x_train")
+    x_te = _npz_images(arrays["x_test"], f"{path}: x_test")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"{path}: x_train images are {'x'.join(map(str, x_tr.shape[1:]))} "
+                        f"(C x H x W) but x_test images {'x'.join(map(str, x_te.shape[1:]))}")
+    y_tr = _npz_labels(arrays["y_train"], f"{path}: y_train", len(x_tr), "x_train")
+    y_te = _npz_labels(arrays["y_test"], f"{path}: y_test", len(x_te), "x_test")
+    if y_te.max() > y_tr.max():
+        raise DataError(f"{path}: y_test holds label {y_te.max()} but y_train's labels stop "
+                        f"at {y_tr.max()}; every class needs training images")
+    present = np.unique(y_tr)
+    if len(present) < 2:
+        raise DataError(f"{path}: y_train holds one class only (label {present[0]}); a "
+                        "classifier needs at least two")
+    if len(present) != present[-1] + 1:
+        gap = int(np.argmax(present != np.arange(len(present))))
+        raise DataError(f"{path}: no training image has label {gap}, but labels go up to "
+                        f"{present[-1]}; labels must be 0..K-1 with every class in y_train "
+                        "(one-based labels? subtract 1)")
+    return x_tr, y_tr, x_te, y_te, int(present[-1]) + 1
+
+
+# ---------------------------------------------------------------------------------------
+# Your own data: an image-folder tree, data.path/<class>/<image>
+
+def _read_image(path: Path) -> np.ndarray:
+    """(H, W) uint8 for 1-bit and grayscale images, else (H, W, 3) RGB (alpha dropped)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode.startswith("I") or image.mode == "F":
+                raise DataError(f"{path} is a 16-bit or float image (mode {image.mode}); "
+                                "save 8-bit grayscale or RGB")
+            return np.asarray(image.convert("L" if image.mode in ("1", "L", "LA") else "RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path} is not an image Pillow can read ({exc}); class folders "
+                        "may hold only images (hidden files are skipped)") from None
+
+
+def _class_files(folder: Path) -> list[Path]:
+    """Files under a class folder, recursively and sorted, hidden ones (.*) skipped."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _folder(cfg: DataConfig) -> Raw:
+    """Classes are the sorted sub-folder names (label i = i-th name). Images must share
+    one size; if any is in colour, grayscale ones are repeated to 3 channels."""
+    root = Path(str(cfg.path)).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path={cfg.path} is not a folder; give one with a sub-folder "
+                        "of images per class (data.path/<class>/<image>)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"{root} has {len(classes)} class folder(s) ({', '.join(classes)}); "
+                        "give one sub-folder of images per class, at least two classes")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    first: Path | None = None
+    for label, name in enumerate(classes):
+        files = _class_files(root / name)
+        if not files:
+            raise DataError(f"class folder {root / name} holds no images")
+        if len(files) < 2:
+            raise DataError(f"class folder {root / name} holds one image; the stratified "
+                            "test split (data.test_size) needs at least two per class")
+        for path in files:
+            pixels = _read_image(path)
+            if first is None:
+                first = path
+            elif pixels.shape[:2] != images[0].shape[:2]:
+                (h0, w0), (h1, w1) = images[0].shape[:2], pixels.shape[:2]
+                raise DataError(f"images differ in size: {first} is {w0}x{h0} but {path} is "
+                                f"{w1}x{h1} (width x height); resize them to one size")
+            images.append(pixels)
+            labels.append(label)
+    colour = any(p.ndim == 3 for p in images)
+    x = np.stack([p if p.ndim == 3 else np.repeat(p[:, :, None], 3 if colour else 1, axis=2)
+                  for p in images])  # (N, H, W, C) uint8
+    x = _unit_float(x.transpose(0, 3, 1, 2))
+    y = np.asarray(labels, dtype=np.int64)
+    return (*_fixed_split(x, y, cfg, str(root)), len(classes))
