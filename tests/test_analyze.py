@@ -133,9 +133,27 @@ def test_cli_prints_a_table(tiny_run):
 
 
 def test_diverged_checkpoints_give_empty_values(tmp_path):
+    """Spectral metrics are None exactly at the taps whose features (recomputed by hand)
+    are not finite, and finite elsewhere; a checkpoint with non-finite weights gives
+    None at every tap."""
     out = tmp_path / "mse"
-    train(load_config("digits", ["optim.lr=1e4", "loss.name=mse"]), out)
-    result = analyze(out, AnalysisOptions(checkpoints=("T", "S"), probe=False))
+    cfg = load_config("digits", ["optim.lr=1e4", "loss.name=mse", "train.steps=200"])
+    train(cfg, out)
+    tensors, meta = RunDir(out).load_checkpoint("S")
+    blown = {k: v * 1e38 if v.is_floating_point() else v for k, v in tensors.items()}
+    RunDir(out).save_checkpoint("step_1", blown, {**meta, "kind": "step"})
+    result = analyze(out, AnalysisOptions(checkpoints=("T", "S", "step_1"), probe=False,
+                                          label_free=False))
     assert result.value("T", "encoder", "erank") > 1
-    values = [result.value("S", tap, "erank") for tap in result.layers]
-    assert any(v is None for v in values) or all(np.isfinite(values))
+    seen = set()
+    for checkpoint in ("S", "step_1"):
+        for tap in result.layers:
+            feats, _ = _features(out, cfg, checkpoint, tap)
+            finite = bool(np.isfinite(feats).all())
+            seen.add(finite)
+            value = result.value(checkpoint, tap, "erank")
+            assert (value is None) == (not finite), (checkpoint, tap)
+            if finite:
+                assert value == pytest.approx(ref_erank(feats.reshape(len(feats), -1)),
+                                              rel=1e-6)
+    assert seen == {True, False}  # both cases were exercised

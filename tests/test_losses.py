@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from escapelab import reference
 from escapelab.config import LossConfig
 from escapelab.losses import make_loss
 
@@ -13,22 +14,9 @@ T = rng.standard_normal((6, 5))
 LABELS = np.array([0, 4, 2, 1, 3, 4])
 
 
-def _unit(x):
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _log_softmax(x):
-    z = x - x.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-
-
-REFERENCES = {
-    "mse": lambda s, t: np.mean((s - t) ** 2),
-    "nmse": lambda s, t: np.mean((_unit(s) - _unit(t)) ** 2),
-    "ndmse": lambda s, t: np.mean((_unit(s) - _unit(t)) ** 2),
-    "dino": lambda s, t: -np.mean(np.sum(np.exp(_log_softmax(t / 0.04))
-                                         * _log_softmax(s / 0.1), axis=1)),
-}
+_unit = reference.unit_rows
+_log_softmax = reference.log_softmax
+REFERENCES = reference.LOSSES
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from escapelab import reference
 from escapelab.metrics import (
     condition_number,
     dead_units,
@@ -23,55 +24,14 @@ from escapelab.metrics import (
 )
 
 EPS = np.finfo(np.float64).eps
-RTOL = 1e-8  # the documented pseudo-inverse tolerance
-
-
-# -- independent references ---------------------------------------------------------------
-
-def ref_singular_values(x, center=False):
-    x = np.asarray(x, dtype=np.float64)
-    if center:
-        x = x - x.mean(axis=0)
-    s = np.linalg.svd(x, compute_uv=False)
-    # The documented resolution of a Gram-based spectrum: below sqrt(max(n,d) eps) s_max
-    # a singular value counts as zero.
-    if s.size:
-        s[s <= math.sqrt(max(x.shape) * EPS) * s[0]] = 0.0
-    return s
-
-
-def ref_erank(x, center=False):
-    s = ref_singular_values(x, center)
-    if s.sum() == 0:
-        return 0.0
-    p = s[s > 0] / s.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def ref_condition(x, mass=0.999, center=False):
-    s = ref_singular_values(x, center)
-    if s.sum() == 0:
-        return math.inf
-    cum = np.cumsum(s / s.sum())
-    k = int(np.argmax(cum >= mass)) if (cum >= mass).any() else len(s) - 1
-    return float(s[0] / s[k])
+ref_singular_values = reference.singular_values
+ref_erank = reference.effective_rank
+ref_condition = reference.condition_number
 
 
 def ref_fisher(x, y):
-    x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
-    mu = x.mean(axis=0)
-    st_ = (x - mu).T @ (x - mu) / n
-    sb = np.zeros((d, d))
-    sw = np.zeros((d, d))
-    for c in np.unique(y):
-        xc = x[y == c]
-        mc = xc.mean(axis=0)
-        sb += len(xc) * np.outer(mc - mu, mc - mu) / n
-        sw += (xc - mc).T @ (xc - mc) / n
-    disc = np.trace(np.linalg.pinv(sw, rtol=RTOL, hermitian=True) @ sb)
-    return {"tr_between": np.trace(sb), "tr_within": np.trace(sw), "tr_total": np.trace(st_),
-            "discriminant": disc}, sw
+    total, between, within = reference.scatter_matrices(x, y)
+    return reference.fisher(x, y), within
 
 
 def close(a, b, rel=1e-6, abs_=1e-12):
@@ -122,7 +82,8 @@ def test_degenerate_inputs_are_defined():
     assert effective_rank(zero) == 0.0 and condition_number(zero) == math.inf
     assert dead_units(zero) == 4
     f = fisher_separability(zero, [0, 0, 1, 1, 2, 2])
-    assert f == {"tr_between": 0.0, "tr_within": 0.0, "tr_total": 0.0, "discriminant": 0.0}
+    assert f == {"tr_between": 0.0, "tr_within": 0.0, "tr_total": 0.0, "discriminant": 0.0,
+                 "discriminant_rank": 0}
     wide_zero = np.zeros((3, 40))
     assert fisher_separability(wide_zero, [0, 1, 1])["discriminant"] == 0.0
     x = np.random.default_rng(0).standard_normal((5, 3))
@@ -235,16 +196,14 @@ def _unambiguous(x, y):
         cum = np.cumsum(s / s.sum())
         if np.any(np.abs(cum - 0.999) < 1e-9):
             return False
-    want, sw = ref_fisher(x, y)
-    lam = np.linalg.eigvalsh(sw)
-    if lam.size and lam.max() > 0:
-        rel = lam / lam.max()
-        if np.any((rel > RTOL / 100) & (rel < RTOL * 100)):
-            return False
-        # ... or at float64 rounding level of the total scatter.
-        floor = max(x.shape) * EPS * want["tr_total"]
-        if np.any((lam > floor / 1e3) & (lam < floor * 1e3)):
-            return False
+    lam, _, _, cut = reference.pinv_spectrum(x, y)
+    if lam.size and lam.max() > 0 and cut > 0:
+        # An eigenvalue near the pseudo-inverse's cut-off, or near the rounding level of
+        # the total scatter, may fall on either side of it in either computation.
+        floor = max(x.shape) * EPS * np.trace(reference.scatter_matrices(x, y)[0])
+        for level in (cut, floor):
+            if np.any((lam > level / 1e3) & (lam < level * 1e3)):
+                return False
     return True
 
 
@@ -301,3 +260,34 @@ def test_discriminant_fast_path_and_fallback(monkeypatch, shape):
     assert fisher_separability(low, y)["discriminant"] == pytest.approx(
         want["discriminant"], rel=1e-6)
     assert True in calls
+
+
+@pytest.mark.parametrize("decades", [6, 9, 12])
+def test_ill_conditioned_full_rank_within_scatter_is_inverted_exactly(decades):
+    """Features whose scales span 10^(decades/2): Sigma_w is full rank with condition
+    ~10^decades, well inside float64. The discriminant must equal the exact inverse's
+    (a fixed cut-off at 1e-8 of lambda_max gave 0.766 instead of 1.045 here)."""
+    rng = np.random.default_rng(decades)
+    n, d, classes = 3000, 40, 10
+    y = rng.integers(0, classes, n)
+    x = rng.standard_normal((n, d)) + 0.5 * rng.standard_normal((classes, d))[y]
+    x *= np.logspace(0, -decades / 2, d)
+    _, between, within = reference.scatter_matrices(x, y)
+    assert np.linalg.cond(within) > 0.5 * 10.0**decades
+    exact = float(np.trace(np.linalg.inv(within) @ between))
+    got = fisher_separability(x, y)
+    assert got["discriminant"] == pytest.approx(exact, rel=1e-6)
+    assert got["discriminant_rank"] == d
+    # The same data in torch float64 through the kernel-free route gives the same.
+    assert fisher_separability(torch.tensor(x), y)["discriminant"] == pytest.approx(
+        exact, rel=1e-6)
+
+
+def test_rank_deficient_within_scatter_reports_the_rank_kept():
+    rng = np.random.default_rng(3)
+    y = np.arange(400) % 4
+    x = rng.standard_normal((400, 6)) @ rng.standard_normal((6, 30))  # rank 6 of 30
+    got = fisher_separability(x, y)
+    want = reference.fisher(x, y)
+    assert got["discriminant_rank"] == want["discriminant_rank"] == 6
+    assert got["discriminant"] == pytest.approx(want["discriminant"], rel=1e-6)

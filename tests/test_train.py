@@ -80,7 +80,7 @@ def test_run_directory_contents(tiny_config, tmp_path):
     for name in ("config.yaml", "derived.json", "environment.json", "init.json",
                  "status.json", "summary.json", "metrics/steps.jsonl", "metrics/evals.jsonl"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "summary.json").read_text()) == summary
+    assert json.loads((out / "summary.json").read_text()) == summary.model_dump()
     names = RunDir(out).checkpoint_names()
     assert {"T", "S", "step_0", "step_5"} <= set(names)
     assert not (out / "checkpoints/last.safetensors").exists()
@@ -93,7 +93,7 @@ def test_run_directory_contents(tiny_config, tmp_path):
                 "min_probe_acc_step", "escape_step", "collapse_step", "erank_teacher",
                 "erank_collapse", "erank_final", "dead_frac_teacher", "dead_frac_collapse",
                 "dead_frac_final", "wall_s"):
-        assert key in summary
+        assert key in summary.model_dump()
     for key in ("teacher_probe_acc", "final_probe_acc", "min_probe_acc"):
         assert 0.0 <= summary[key] <= 1.0
     # The saved S checkpoint reproduces the final evaluation.
@@ -132,7 +132,7 @@ def test_mse_at_huge_step_size_diverges_with_a_complete_run_directory(tmp_path):
     assert steps[-1]["loss"] is None or steps[-1]["grad_norm"] is None
     assert all(r["loss"] is not None for r in steps[:-1])
     assert summary["steps_completed"] == steps[-1]["step"] - 1
-    assert RunDir(tmp_path / "r").status()["status"] == "diverged"
+    assert RunDir(tmp_path / "r").status().status == "diverged"
     _, meta = RunDir(tmp_path / "r").load_checkpoint("S")
     assert meta["step"] == summary["steps_completed"] and meta["kind"] == "last_finite"
     assert summary["teacher_probe_acc"] is not None
@@ -149,8 +149,9 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
     with pytest.raises(RunInterrupted, match="--resume"):
         train(cfg, tmp_path / "cut", progress=interrupt)
     run = RunDir(tmp_path / "cut")
-    assert not run.finished and run.status()["status"] == "interrupted"
-    assert run.status()["step"] == 30  # the signal came during step 30: stops after it
+    assert not run.finished and run.status().status == "interrupted"
+    assert run.status().step == 30  # the signal came during step 30: stops after it
+    assert run.status().resumable
     resumed = resume(tmp_path / "cut")
     for key in ("final_probe_acc", "escape_step", "collapse_step", "erank_final"):
         assert resumed[key] == reference[key]
@@ -210,7 +211,7 @@ def test_float64_run_realizes_the_offset(tiny_config, tmp_path):
 
 
 def test_denormal_flushing_does_not_leak_out_of_training(tiny_config, tmp_path):
-    from escapelab.train import flushing_denormals
+    from escapelab.runtime import flushing_denormals
 
     assert not flushing_denormals()
     train(tiny_config(**{"train.steps": 3, "train.flush_denormal": True}), tmp_path / "r")

@@ -27,50 +27,27 @@ import io
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from escapelab.config import load_config
+from escapelab.config import AnalysisOptions
 from escapelab.data import load_dataset, stratified_subset
 from escapelab.errors import EscapelabError
-from escapelab.metrics import PINV_RTOL, GramView, dead_units, kmeans_labels
+from escapelab.metrics import GramView, dead_units, kmeans_labels
 from escapelab.metrics import condition_number_from_singular_values as _cond
 from escapelab.metrics import effective_rank_from_singular_values as _erank
 from escapelab.models import EscapeNet, build_model
 from escapelab.probe import linear_probe_accuracy
-from escapelab.store import RunDir, write_json
-from escapelab.train import resolve_device
+from escapelab.runtime import resolve_device
+from escapelab.store import RunDir
 
-CSV_FILE = "analysis.csv"
-JSON_FILE = "analysis.json"
 CHECKPOINT_ORDER = {"T": 0, "C": 1, "S": 2}
 SEPARABILITY = ("tr_between", "tr_within", "tr_total", "discriminant")
-
-
-@dataclass(frozen=True)
-class AnalysisOptions:
-    """What `escapelab analyze` measures, and on what."""
-
-    split: Literal["train", "test"] = "test"
-    samples: int | None = None  # stratified sample of the split; None = all of it
-    layers: tuple[str, ...] | None = None  # tap names; None = every tap
-    checkpoints: tuple[str, ...] | None = None  # None = every saved one
-    center: bool = False  # centre features before spectra (the paper does not)
-    dead: Literal["position", "channel"] = "position"
-    mass: float = 0.999  # condition number's singular-value mass
-    rtol: float = PINV_RTOL  # pseudo-inverse tolerance of the discriminant
-    probe: bool = True
-    probe_samples: int | None = 5000  # training images the layerwise probes are fit on
-    label_free: bool = True
-    batch_size: int = 500
-    device: str = "auto"
-    memory_gb: float = 2.0  # budget for the features of one tap group
-    seed: int = 0
 
 
 @dataclass
@@ -138,23 +115,28 @@ def _dead(feats: Tensor, mode: str) -> tuple[int, int]:
     return dead_units(flat), flat.shape[1]
 
 
-def analyze(run_dir: Path | str, options: AnalysisOptions = AnalysisOptions(),
+def analyze(run_dir: Path | str, options: AnalysisOptions | None = None,
             progress: Callable[[str, str], None] | None = None) -> Analysis:
     """Measure every tap at every requested checkpoint of a run directory and write
     ``analysis.csv`` and ``analysis.json`` into it."""
+    options = options or AnalysisOptions()
     run = RunDir.open(run_dir)
-    cfg = load_config(run.path / "config.yaml")
-    derived = run.read_json("derived.json")
+    cfg = run.config()
+    derived = run.derived()
+    available = run.checkpoint_names()
+    if not available:
+        raise EscapelabError(f"{run.path} has no checkpoints to analyse ("
+                             f"{run.state_text()}); a run saves T at its start and C, S as "
+                             "it goes")
     device = resolve_device(options.device)
     dtype = getattr(torch, cfg.dtype)
     data = load_dataset(cfg.data)
-    available = run.checkpoint_names()
     names = list(options.checkpoints) if options.checkpoints else _ordered(available)
     missing = [n for n in names if n not in available]
     if missing:
         raise EscapelabError(f"checkpoints {missing} not in {run.path / 'checkpoints'}; "
                              f"available: {', '.join(_ordered(available)) or 'none'}")
-    template = build_model(cfg.model, data.input_shape, int(derived["head_dim"]))
+    template = build_model(cfg.model, data.input_shape, derived.head_dim)
     all_taps = template.tap_names()
     taps = list(options.layers) if options.layers else all_taps
     unknown = [t for t in taps if t not in all_taps]
@@ -187,7 +169,7 @@ def analyze(run_dir: Path | str, options: AnalysisOptions = AnalysisOptions(),
     n_store = len(idx) + ((len(y_fit) + (len(y_score) if options.split != "test" else 0))
                           if options.probe else 0)
     groups = _groups(sizes, n_store, options.memory_gb * 2**30)
-    num_classes = int(derived["num_classes"])
+    num_classes = derived.num_classes
 
     result = Analysis(layers=taps)
     t0 = time.perf_counter()
@@ -238,10 +220,11 @@ def _tap_metrics(feats: Tensor, labels: np.ndarray, num_classes: int,
     s = view.singular_values(options.center)
     out["erank"] = _erank(s)
     out["condition_number"] = _cond(s, options.mass)
-    out.update(view.fisher(labels, options.rtol))
+    out.update(view.fisher(labels, options.pinv_rtol))
     if options.label_free:
         clusters = kmeans_labels(flat, num_classes, seed=options.seed)
-        out.update({f"kmeans_{k}": v for k, v in view.fisher(clusters, options.rtol).items()})
+        out.update({f"kmeans_{k}": v
+                    for k, v in view.fisher(clusters, options.pinv_rtol).items()})
     return out
 
 
@@ -271,10 +254,8 @@ def write(run: RunDir, result: Analysis, options: AnalysisOptions, wall_s: float
         value = r["value"]
         writer.writerow({**r, "value": "" if value is None or (
             isinstance(value, float) and not math.isfinite(value)) else value})
-    run.write_text(CSV_FILE, buffer.getvalue())
-    write_json(run.path / JSON_FILE, {
-        "options": {**asdict(options), "layers": list(options.layers or []) or None,
-                    "checkpoints": list(options.checkpoints or []) or None},
+    run.write_analysis(buffer.getvalue(), {
+        "options": options.model_dump(mode="json"),
         "samples": n, "checkpoints": result.checkpoints, "layers": result.layers,
         "wall_s": wall_s, "rows": result.rows,
     })
@@ -282,7 +263,8 @@ def write(run: RunDir, result: Analysis, options: AnalysisOptions, wall_s: float
 
 def read_analysis(run_dir: Path | str) -> Analysis:
     """Load ``analysis.json`` from a run directory."""
-    run = RunDir.open(run_dir)
-    payload = run.read_json(JSON_FILE)
+    payload = RunDir.open(run_dir).analysis()
+    if payload is None:
+        raise EscapelabError(f"{run_dir} has no analysis yet: run escapelab analyze first")
     return Analysis(rows=payload["rows"], checkpoints=payload["checkpoints"],
                     layers=payload["layers"])

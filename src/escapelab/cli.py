@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import sys
 import time
+import types
+import typing
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import BaseModel, ValidationError
 
+from escapelab.config import AnalysisOptions, RangeOptions, SlurmOptions
 from escapelab.errors import EscapelabError
 
 OVERRIDES_HELP = """
@@ -42,8 +48,77 @@ Start here:
 @click.group(help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"],
                                                "max_content_width": 100})
 @click.version_option(package_name="escapelab")
-def cli() -> None:
-    pass
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug: bool) -> None:
+    _state["debug"] = debug
+
+
+_state: dict[str, Any] = {"debug": False}
+
+
+# ---------------------------------------------------------------------------------------
+# Options from pydantic models: one definition, its field text the help
+
+
+def _field_type(annotation: Any) -> tuple[Any, bool]:
+    """(click type, is a comma-separated tuple) for a field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _field_type(args[0])
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(annotation)]), False
+    if origin is tuple:
+        return click.STRING, True
+    return {int: click.INT, float: click.FLOAT, bool: click.BOOL}.get(annotation,
+                                                                        click.STRING), False
+
+
+def model_options(model: type[BaseModel], names: dict[str, str] | None = None,
+                  exclude: tuple[str, ...] = ()) -> Callable[[Any], Any]:
+    """Click options for every field of `model`: --field-name, its description as the
+    help, its default shown. Booleans get --x/--no-x; tuples are comma-separated."""
+    names = names or {}
+
+    def decorate(command: Any) -> Any:
+        for name, field in reversed(model.model_fields.items()):
+            if name in exclude:
+                continue
+            flag = names.get(name, "--" + name.replace("_", "-"))
+            default = field.default
+            if field.annotation is bool:
+                option = click.option(f"{flag}/--no-{flag[2:]}", name, default=default,
+                                      show_default=True, help=field.description)
+            else:
+                kind, is_tuple = _field_type(field.annotation)
+                shown = ",".join(map(str, default)) if is_tuple and default else default
+                option = click.option(flag, name, type=kind, default=None,
+                                      show_default=str(shown) if shown is not None else False,
+                                      help=field.description)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def build_options(model: type[BaseModel], values: dict[str, Any]) -> Any:
+    """Validate the options a command received into `model` (one line per problem)."""
+    given: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if name not in values or values[name] is None:
+            continue
+        value = values[name]
+        if _field_type(field.annotation)[1] and isinstance(value, str):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        given[name] = value
+    try:
+        return model.model_validate(given)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
+            problems.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+        raise EscapelabError("; ".join(problems)) from None
 
 
 @cli.command(help=f"""Run the escape experiment and write a run directory.
@@ -86,7 +161,9 @@ def run(preset: str, out: Path | None, resume_dir: Path | None, overwrite: bool,
     cfg = load_config(preset, overrides)
     if out is None:
         out = Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-s{cfg.seed}"
-    main_rank = training.Ranks.from_env().main  # under torchrun only rank 0 reports
+    from escapelab.runtime import Ranks
+
+    main_rank = Ranks.from_env().main  # under torchrun only rank 0 reports
     if main_rank:
         click.echo(f"escapelab: {cfg.name}, {cfg.model.name} on {cfg.data.name}, "
                    f"{cfg.loss.name}, eta {cfg.optim.lr:g}, batch {cfg.data.batch_size}, "
@@ -128,20 +205,11 @@ std over seeds), and prints the table.
               "(submitit).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local worker processes (default: one per core; cores are split).")
-@click.option("--partition", default=None, help="Slurm partition.")
-@click.option("--time-min", type=click.IntRange(min=1), default=60, show_default=True,
-              help="Slurm time limit per run, minutes.")
-@click.option("--cpus", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Slurm CPUs per run.")
-@click.option("--wait-s", type=float, default=None, help="Stop waiting for Slurm after "
-              "this many seconds (unfinished runs are recorded as failed; relaunch later).")
+@model_options(SlurmOptions)
 @click.argument("overrides", nargs=-1)
 def sweep(spec: str | None, preset: str | None, scale: str, base: str | None,
           grid_items: tuple[str, ...], out: Path | None, backend: str,
-          workers: int | None, partition: str | None, time_min: int, cpus: int,
-          wait_s: float | None, overrides: tuple[str, ...]) -> None:
-    import dataclasses
-
+          workers: int | None, overrides: tuple[str, ...], **slurm: Any) -> None:
     from escapelab import sweep as sweeps
 
     if spec is not None and "=" in spec:  # an override, not a spec
@@ -156,12 +224,12 @@ def sweep(spec: str | None, preset: str | None, scale: str, base: str | None,
     extra = {k: v for k, v in (o.partition("=")[::2] for o in overrides)}
     if any(not k for k in extra) or any("=" not in o for o in overrides):
         raise EscapelabError(f"overrides must be key=value, got {list(overrides)}")
-    loaded = dataclasses.replace(
-        loaded, base=base or loaded.base, overrides={**loaded.overrides, **extra},
-        grid={**loaded.grid, **sweeps.parse_grid(grid_items)})
+    loaded = loaded.replace(base=base or loaded.base, overrides={**loaded.overrides, **extra},
+                            grid={**loaded.grid, **sweeps.parse_grid(grid_items)})
     out = out or Path("runs") / f"sweep-{loaded.name}"
 
     def report(i: int, total: int, point: Any, result: dict[str, Any]) -> None:
+        result = result if isinstance(result, dict) else result.model_dump()
         acc = result.get("final_probe_acc")
         click.echo(f"[{i}/{total}] {point.label}: {result.get('status')}"
                    + (f", final probe {100 * acc:.2f}%" if acc is not None else "")
@@ -169,8 +237,7 @@ def sweep(spec: str | None, preset: str | None, scale: str, base: str | None,
                       if result.get("error") else ""), err=True)
 
     result = sweeps.run_sweep(loaded, out, backend=backend, workers=workers,
-                              slurm={"partition": partition, "time_min": time_min,
-                                     "cpus": cpus, "wait_s": wait_s}, progress=report)
+                              slurm=build_options(SlurmOptions, slurm), progress=report)
     click.echo(f"{result['points']} points: {result['ran']} run, {result['skipped']} "
                "already finished")
     _print_sweep_table(result["table"], list(loaded.grid))
@@ -216,41 +283,24 @@ The paper: the supervised loss diverges near eta = 10; the escape needs eta ~ 50
 @click.option("--preset", default="digits", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default: runs/lr-range-<preset>-<time>).")
-@click.option("--start", "start_lr", type=float, default=1e-6, show_default=True)
-@click.option("--end", "end_lr", type=float, default=1e6, show_default=True)
-@click.option("--steps", type=click.IntRange(min=2), default=None,
-              help="Steps per curve (default 500 unless --epochs is given).")
-@click.option("--epochs", type=float, default=None, help="Epochs per curve (paper: 5).")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; "
-              "several give a band.")
-@click.option("--mode", type=click.Choice(["minibatch", "fixed", "full"]),
-              default="minibatch", show_default=True,
-              help="Fresh batches, one fixed batch, or full-batch gradient descent.")
-@click.option("--supervised", type=click.Choice(["ce", "onehot_mse", "none"]), default="ce",
-              show_default=True, help="The side-by-side supervised curve.")
-@click.option("--cap", type=float, default=None, help="Stop a curve once its loss exceeds "
-              "this (default: only non-finite values stop it).")
+@model_options(RangeOptions, names={"start_lr": "--start", "end_lr": "--end"})
 @click.argument("overrides", nargs=-1)
-def lr_range(preset: str, out: Path | None, start_lr: float, end_lr: float,
-             steps: int | None, epochs: float | None, seeds: str, mode: str,
-             supervised: str, cap: float | None, overrides: tuple[str, ...]) -> None:
+def lr_range(preset: str, out: Path | None, overrides: tuple[str, ...], **options: Any,
+             ) -> None:
     from escapelab import lr_range as range_test
     from escapelab.config import load_config
 
     base = load_config(preset, overrides)
-    options = range_test.RangeOptions(
-        start_lr=start_lr, end_lr=end_lr, steps=steps if steps or epochs else 500,
-        epochs=epochs, seeds=_int_list(seeds, "--seeds"), mode=mode,  # type: ignore[arg-type]
-        supervised=None if supervised == "none" else supervised,  # type: ignore[arg-type]
-        cap=cap)
+    opts = build_options(RangeOptions, options)
     if out is None:
         out = Path("runs") / f"lr-range-{base.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    payload = range_test.run_lr_range(base, out, options, progress=lambda c, s: click.echo(
+    payload = range_test.run_lr_range(base, out, opts, progress=lambda c, s: click.echo(
         f"lr-range: {c} curve, seed {s}", err=True))
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"LR range test {start_lr:g} -> {end_lr:g} ({mode})", box=None)
+    table = Table(title=f"LR range test {opts.start_lr:g} -> {opts.end_lr:g} ({opts.mode})",
+                  box=None)
     for col in ("curve", "departs at eta", "diverges at eta", "per seed (depart / diverge)"):
         table.add_column(col, justify="right" if col != "curve" else "left")
     for curve, info in payload["curves"].items():
@@ -258,19 +308,13 @@ def lr_range(preset: str, out: Path | None, start_lr: float, end_lr: float,
                              for k, v in info["seeds"].items())
         table.add_row(curve, _eta(info["depart_lr"]), _eta(info["diverge_lr"]), per_seed)
     Console(width=140).print(table)
-    click.echo(f"wrote {out / range_test.CSV_FILE} and {out / range_test.JSON_FILE}")
+    from escapelab.store import RangeDir
+
+    click.echo(f"wrote {RangeDir(out).csv_path} and {RangeDir(out).json_path}")
 
 
 def _eta(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
-
-
-def _int_list(text: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise EscapelabError(f"{option} must be comma-separated integers, got {text!r}") \
-            from None
 
 
 @cli.command(help="""Layerwise signal propagation and separability (paper Sec. 3).
@@ -284,49 +328,24 @@ metric, value) and analysis.json. The paper finds, at C, rank down to single dig
 up to 60% dead units; at S, higher rank and better conditioning than at T.
 """)
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--split", type=click.Choice(["test", "train"]), default="test",
-              show_default=True, help="Images the metrics are computed on.")
-@click.option("--samples", type=click.IntRange(min=2), default=None,
-              help="Stratified sample of the split (default: all of it; the paper: 10k).")
-@click.option("--layers", default=None, help="Comma-separated tap names (default: all).")
-@click.option("--checkpoints", default=None, help="Comma-separated, e.g. T,C,S "
-              "(default: every saved checkpoint).")
-@click.option("--center", is_flag=True, help="Centre features before spectra (the paper "
-              "does not).")
-@click.option("--dead", type=click.Choice(["position", "channel"]), default="position",
-              show_default=True, help="A conv unit is a channel-and-position (the paper) "
-              "or a whole channel.")
-@click.option("--probe-samples", type=click.IntRange(min=2), default=5000,
-              show_default=True, help="Training images the layerwise probes are fit on.")
-@click.option("--no-probe", is_flag=True, help="Skip the layerwise probes.")
-@click.option("--no-label-free", is_flag=True, help="Skip the k-means variant.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--memory-gb", type=float, default=2.0, show_default=True,
-              help="Budget for the stored features of one group of taps.")
-def analyze(run_dir: Path, split: str, samples: int | None, layers: str | None,
-            checkpoints: str | None, center: bool, dead: str, probe_samples: int,
-            no_probe: bool, no_label_free: bool, device: str, memory_gb: float) -> None:
+@model_options(AnalysisOptions, exclude=("batch_size",))
+def analyze(run_dir: Path, **options: Any) -> None:
     from escapelab import analyze as analysis
+    from escapelab.store import ANALYSIS_CSV, ANALYSIS_JSON, RunDir
 
-    options = analysis.AnalysisOptions(
-        split=split,  # type: ignore[arg-type]
-        samples=samples, center=center, dead=dead,  # type: ignore[arg-type]
-        layers=tuple(layers.split(",")) if layers else None,
-        checkpoints=tuple(checkpoints.split(",")) if checkpoints else None,
-        probe=not no_probe, probe_samples=probe_samples, label_free=not no_label_free,
-        device=device, memory_gb=memory_gb)
+    opts = build_options(AnalysisOptions, options)
     from rich.console import Console
     from rich.progress import Progress
 
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("analyzing", total=None)
-        result = analysis.analyze(run_dir, options, progress=lambda ckpt, tap: bar.update(
+        result = analysis.analyze(run_dir, opts, progress=lambda ckpt, tap: bar.update(
             task, description=f"checkpoint {ckpt}, layer {tap}"))
     _print_analysis(result)
-    click.echo(f"wrote {run_dir / analysis.CSV_FILE} and {run_dir / analysis.JSON_FILE}")
-    from escapelab.report import REPORT_FILE, write_report
+    click.echo(f"wrote {run_dir / ANALYSIS_CSV} and {run_dir / ANALYSIS_JSON}")
+    from escapelab.report import write_report
 
-    if (run_dir / REPORT_FILE).exists():  # keep the run's report in step with its data
+    if RunDir(run_dir).report_path.exists():  # keep the run's report in step with its data
         click.echo(f"report: {write_report(run_dir)}")
 
 
@@ -372,11 +391,40 @@ files only: never trains or analyses.
 @click.argument("path", type=click.Path(path_type=Path))
 def report(path: Path) -> None:
     from escapelab.report import write_report
+    from escapelab.store import FIGURES_DIR
 
     page = write_report(path)
-    figures = sorted(p.stem for p in (path / "figures").glob("*.png"))
+    figures = sorted(p.stem for p in (path / FIGURES_DIR).glob("*.png"))
     click.echo(f"figures: {', '.join(figures) or 'none'}")
     click.echo(f"report: {page}")
+
+
+@cli.command(help="""Say what a run directory (or every run of a sweep folder) is doing.
+
+running (its writer holds the lock; with its PID, host and last heartbeat), dead (says
+running but its writer is gone: killed, out of memory, node lost; resume it), starting,
+interrupted (resumable or not), failed (with the reason), completed, diverged, capped.
+Exits 0 if every run is completed, 1 otherwise.
+""")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def status(paths: tuple[Path, ...]) -> None:
+    from escapelab.store import RunDir, SweepDir, kind_of
+
+    done = True
+    for path in paths:
+        kind = kind_of(path)
+        if kind == "sweep":
+            sweep = SweepDir(path)
+            runs = [(p["run"], sweep.run(p["run"])) for p in sweep.meta()["points"]]
+        elif kind == "run":
+            runs = [(str(path), RunDir.open(path))]
+        else:
+            raise EscapelabError(f"{path} is not a run directory or a sweep folder")
+        for name, run in runs:
+            text = run.state_text() if run.path.is_dir() else "not started"
+            done = done and text.startswith("completed")
+            click.echo(f"{name}: {text}")
+    sys.exit(0 if done else 1)
 
 
 @cli.command(help=f"""Print the resolved config of a preset with overrides (YAML).
@@ -459,11 +507,11 @@ def _fmt(value: Any, pct: bool = False) -> str:
     return str(value)
 
 
-def _print_summary(summary: dict[str, Any], out: Path) -> None:
+def _print_summary(summary: Any, out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    s = summary
+    s = summary.model_dump()
     table = Table(title=f"escapelab run: {s['status']}"
                   + (f" ({s['reason']})" if s.get("reason") else ""), box=None)
     table.add_column("", style="bold")
@@ -486,18 +534,50 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     console.print(f"run directory: {out}")
 
 
+def _warn(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+          line: str | None = None) -> None:
+    click.echo(f"escapelab: warning: {message}", err=True)
+
+
 def main() -> None:
+    """The console entry point: every error a user can cause is one line on stderr and
+    a non-zero exit (2; 128 + the signal's number when a run was stopped by one), never a
+    traceback unless --debug."""
+    from escapelab.store import RunDirWarning
+
+    warnings.showwarning = _warn
+    warnings.simplefilter("always", RunDirWarning)
     try:
         cli.main(standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except click.exceptions.Abort as exc:  # click turns Ctrl-C (and EOFError) into Abort
+        if isinstance(exc.__context__, EOFError):
+            _fail(exc.__context__, "unexpected end of input", 2)
+        click.echo("escapelab: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
         click.echo("escapelab: aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except EscapelabError as exc:
-        click.echo(f"escapelab: error: {exc}", err=True)
-        sys.exit(130 if type(exc).__name__ == "RunInterrupted" else 2)
+        _fail(exc, str(exc), exc.exit_code)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        _fail(exc, f"{exc.strerror or exc}{where}", 2)
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        _fail(exc, f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for "
+              "the traceback, and please report it)", 1)
+
+
+def _fail(exc: BaseException, message: str, code: int) -> None:
+    if _state["debug"]:
+        import traceback
+
+        traceback.print_exception(exc)
+    first = " ".join(message.split("\n"))
+    click.echo(f"escapelab: error: {first}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from escapelab.config import config_to_dict
+from escapelab.config import SlurmOptions, config_to_dict
 from escapelab.errors import EscapelabError
-from escapelab.store import write_json
+from escapelab.store import SweepDir
 
 if TYPE_CHECKING:
     from escapelab.sweep import Point, Progress
@@ -43,13 +43,9 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
-def run_slurm(tasks: list[tuple[Point, Path]], out: Path, options: dict[str, Any],
+def run_slurm(tasks: list[tuple[Point, Path]], sweep: SweepDir, options: SlurmOptions,
               progress: Progress | None) -> None:
-    """Submit `tasks` as one job array and wait (bounded) until each has ended.
-
-    options: partition, time_min (per task, default 60), cpus (per task, default 1),
-    mem_gb, parallel (array parallelism, default 64), wait_s (default: none), poll_s.
-    """
+    """Submit `tasks` as one job array and wait (bounded) until each has ended."""
     try:
         import submitit
     except ImportError:
@@ -59,50 +55,46 @@ def run_slurm(tasks: list[tuple[Point, Path]], out: Path, options: dict[str, Any
         raise EscapelabError("the slurm backend needs Slurm's sbatch on this machine")
     from escapelab.sweep import run_point
 
-    executor = submitit.SlurmExecutor(folder=str(out / "slurm"))
-    params: dict[str, Any] = {"time": int(options.get("time_min", 60)),
-                              "cpus_per_task": int(options.get("cpus", 1)),
-                              "array_parallelism": int(options.get("parallel", 64)),
-                              "job_name": f"escapelab-{out.name}"}
-    if options.get("partition"):
-        params["partition"] = options["partition"]
-    if options.get("mem_gb"):
-        params["mem"] = f"{int(options['mem_gb'])}G"
+    executor = submitit.SlurmExecutor(folder=str(sweep.slurm_dir))
+    params: dict[str, Any] = {"time": options.time_min, "cpus_per_task": options.cpus,
+                              "array_parallelism": options.parallel,
+                              "job_name": f"escapelab-{sweep.path.name}"}
+    if options.partition:
+        params["partition"] = options.partition
+    if options.mem_gb:
+        params["mem"] = f"{options.mem_gb}G"
     executor.update_parameters(**params)
     jobs = executor.map_array(run_point, [config_to_dict(p.config) for p, _ in tasks],
-                              [str(d) for _, d in tasks],
-                              [int(options.get("cpus", 1))] * len(tasks))
+                              [str(d) for _, d in tasks], [options.cpus] * len(tasks))
     ids = [str(job.job_id) for job in jobs]
-    deadline = time.time() + float(options["wait_s"]) if options.get("wait_s") else None
-    poll = float(options.get("poll_s", 2.0))
+    deadline = time.time() + options.wait_s if options.wait_s else None
+    poll = options.poll_s
     pending = dict(enumerate(ids))
     done = 0
     while pending:
         states = queue_states(list(pending.values()))
         for i, job_id in list(pending.items()):
             point, run_dir = tasks[i]
-            failure = out / "failures" / f"{run_dir.name}.json"
-            finished = (run_dir / "summary.json").exists() or failure.exists()
+            run = sweep.run(run_dir.name)
+            finished = run.finished or sweep.failure(run_dir.name) is not None
             state = states.get(job_id)
             if not finished and (state is None or state in ENDED):
                 # Left the queue (or ended) without a result: the task died.
                 time.sleep(min(poll, 1.0))  # let a just-written summary land
-                if not (run_dir / "summary.json").exists():
-                    write_json(failure, {"status": "failed", "error":
-                                         f"slurm job {job_id} ended without a result "
-                                         f"(state {state or 'gone from the queue'})"})
+                if not run.finished:
+                    sweep.write_failure(run_dir.name, f"slurm job {job_id} ended without a "
+                                        f"result (state {state or 'gone from the queue'})")
                 finished = True
             if finished:
                 del pending[i]
                 done += 1
                 if progress is not None:
-                    status = "completed" if (run_dir / "summary.json").exists() else "failed"
+                    status = "completed" if run.finished else "failed"
                     progress(done, len(tasks), point, {"status": status})
         if pending and deadline is not None and time.time() > deadline:
             for i, job_id in pending.items():
-                write_json(out / "failures" / f"{tasks[i][1].name}.json",
-                           {"status": "failed", "error": f"slurm job {job_id} did not finish "
-                            f"within wait_s={options['wait_s']}"})
+                sweep.write_failure(tasks[i][1].name, f"slurm job {job_id} did not finish "
+                                    f"within wait_s={options.wait_s}")
             break
         if pending:
             time.sleep(poll)

@@ -96,8 +96,9 @@ class DataConfig(_Section):
                              "use; false reads modified copies (say so when reporting).")
     test_size: float = Field(0.3, gt=0, lt=1, description="digits / folder only: fraction "
                              "of images in the fixed stratified test split.")
-    split_seed: int = Field(0, description="Seed of the train/test split and of subsets; kept "
-                            "apart from `seed` so that every run shares one split.")
+    split_seed: int = Field(0, ge=0, lt=2**32, description="Seed of the train/test split "
+                            "and of subsets (0 <= seed < 2^32); kept apart from `seed` so "
+                            "that every run shares one split.")
     subset: int | None = Field(None, ge=1, description="Use a deterministic stratified "
                                "subset of this many training images (the paper's full-batch "
                                "runs use 49152 = 192 x 256 CIFAR-10 images).")
@@ -169,8 +170,9 @@ class InitConfig(_Section):
                              "most of a 1e-10 offset rounds away; see dtype.")
     rescale: bool = Field(False, description="Divide the student by sqrt(1 + sigma_eps^2) to "
                           "preserve the init variance (the authors' option).")
-    teacher_seed: int | None = Field(None, description="Seed of the teacher draw; default: "
-                                     "derived from `seed`.")
+    teacher_seed: int | None = Field(None, ge=0, lt=2**63, strict=True,
+                                     description="Seed of the teacher draw (an integer, "
+                                     "0 <= seed < 2^63); default: derived from `seed`.")
 
 
 class LossConfig(_Section):
@@ -272,7 +274,10 @@ class CheckpointConfig(_Section):
         "the escape: minimal encoder-output effective rank, minimal probe accuracy, or "
         "maximal training-set loss.")
     every: int = Field(1000, ge=0, description="Save a resumable checkpoint every this many "
-                       "steps (0: only at the end).")
+                       "steps (0: by time only).")
+    every_minutes: float = Field(5.0, ge=0, description="Also save one whenever this many "
+                                 "minutes passed since the last (0: off), so that a kill -9 "
+                                 "or a lost node never costs more than this much work.")
     steps: list[int] = Field(default_factory=list, description="Extra steps to keep as "
                              "analysis checkpoints (step_<k>).")
 
@@ -281,8 +286,9 @@ class Config(_Section):
     """Everything that defines a run."""
 
     name: str = Field("digits", description="A label for the run (the preset's name).")
-    seed: int = Field(0, description="One seed for teacher, student offset, batch order and "
-                      "probes. Same seed, same metrics on the CPU.")
+    seed: int = Field(0, ge=0, lt=2**63, strict=True, description="One seed for teacher, "
+                      "student offset, batch order and probes (an integer, 0 <= seed < "
+                      "2^63; no silent wrap-around). Same seed, same metrics on the CPU.")
     dtype: Literal["float32", "float64"] = Field(
         "float32", description="Precision of the whole run. float64 realizes the full 1e-10 "
         "student offset (float32 keeps only a few percent of it) at several times the cost.")
@@ -318,6 +324,114 @@ class Config(_Section):
 
 
 # ---------------------------------------------------------------------------------------
+# Options of the other commands (their field text is the CLI help, their defaults live
+# here only)
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AnalysisOptions(_Options):
+    """What `escapelab analyze` measures, and on what. The field descriptions are the
+    CLI's help (`escapelab analyze --help`)."""
+
+    split: Literal["train", "test"] = Field("test", description="Images the metrics are "
+                                            "computed on.")
+    samples: int | None = Field(None, ge=2, description="Stratified sample of the split "
+                                "(default: all of it; the paper: 10k).")
+    layers: tuple[str, ...] | None = Field(None, description="Comma-separated tap names "
+                                           "(default: all).")
+    checkpoints: tuple[str, ...] | None = Field(None, description="Comma-separated, e.g. "
+                                                "T,C,S (default: every saved checkpoint).")
+    center: bool = Field(False, description="Centre features before spectra (the paper "
+                         "does not).")
+    dead: Literal["position", "channel"] = Field("position", description="A conv unit is a "
+                                                 "channel-and-position (the paper) or a "
+                                                 "whole channel.")
+    mass: float = Field(0.999, gt=0, le=1, description="Singular-value mass of the "
+                        "condition number (paper: 99.9%).")
+    pinv_rtol: float | None = Field(
+        None, ge=0, lt=1, description="Pseudo-inverse cut-off of the discriminant, relative "
+        "to the largest eigenvalue of the (unit-diagonal scaled) within-class covariance. "
+        "Default: the Gram route's numerical resolution, max(n, d) * 2.2e-16; eigenvalues "
+        "below it are rounding noise. The rank kept is recorded per tap.")
+    probe: bool = Field(True, description="Fit the layerwise linear probes (Fig. 3c).")
+    probe_samples: int | None = Field(5000, ge=2, description="Training images the "
+                                      "layerwise probes are fit on.")
+    label_free: bool = Field(True, description="Also the k-means variant of separability "
+                             "(paper footnote 1).")
+    batch_size: int = Field(500, ge=1, description="Images per forward pass.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    memory_gb: float = Field(2.0, gt=0, description="Budget for the stored features of one "
+                             "group of taps, GiB.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the sample and of k-means.")
+
+
+class RangeOptions(_Options):
+    """The LR range test's step sizes, budget and detection rules. The field
+    descriptions are the CLI's help (`escapelab lr-range --help`)."""
+
+    start_lr: float = Field(1e-6, gt=0, description="First step size (paper: 1e-6).")
+    end_lr: float = Field(1e6, gt=0, description="Last step size (paper: 1e6).")
+    steps: int | None = Field(None, ge=2, description="Steps per curve (default 500 "
+                              "unless --epochs is given).")
+    epochs: float | None = Field(None, gt=0, description="Epochs per curve (paper: 5).")
+    seeds: tuple[int, ...] = Field((0,), min_length=1, description="Comma-separated seeds; "
+                                   "several give a band.")
+    mode: Literal["minibatch", "fixed", "full"] = Field(
+        "minibatch", description="Fresh batches, one fixed batch, or full-batch gradient "
+        "descent.")
+    supervised: Literal["ce", "onehot_mse", "none"] = Field(
+        "ce", description="The side-by-side supervised curve (none: only the escape).")
+    cap: float | None = Field(None, gt=0, description="Stop a curve once its loss exceeds "
+                              "this (default: only non-finite values stop it).")
+    window: int = Field(5, ge=1, description="Running-median window of the detection, "
+                        "steps.")
+    floor: float = Field(1e-12, gt=0, description="Losses below this count as this.")
+    start_steps: int | None = Field(None, ge=1, description="Steps that define the starting "
+                                    "band (default: the first 5%, at least `window`).")
+    depart_factor: float = Field(2.0, gt=1, description="Departure: the smoothed loss "
+                                 "leaves the starting band widened by this factor.")
+    diverge_factor: float = Field(10.0, gt=1, description="Divergence: the smoothed loss "
+                                  "rises this factor above its lowest since departure.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("steps") is None \
+                and data.get("epochs") is None:
+            return {**data, "steps": 500}
+        return data
+
+    @model_validator(mode="after")
+    def _budget(self) -> RangeOptions:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if not self.start_lr < self.end_lr:
+            raise ValueError(f"need start_lr < end_lr, got {self.start_lr:g} and "
+                             f"{self.end_lr:g}")
+        return self
+
+
+class SlurmOptions(_Options):
+    """How sweep points go to Slurm. The field descriptions are the CLI's help
+    (`escapelab sweep --help`)."""
+
+    partition: str | None = Field(None, description="Slurm partition (default: the "
+                                  "cluster's).")
+    time_min: int = Field(60, ge=1, description="Slurm time limit per run, minutes.")
+    cpus: int = Field(1, ge=1, description="Slurm CPUs per run (torch threads).")
+    mem_gb: int | None = Field(None, ge=1, description="Memory per run, GiB (default: the "
+                               "partition's).")
+    parallel: int = Field(64, ge=1, description="Array tasks running at once.")
+    wait_s: float | None = Field(None, gt=0, description="Stop waiting for Slurm after "
+                                 "this many seconds (unfinished runs are recorded as "
+                                 "failed; relaunch later).")
+    poll_s: float = Field(2.0, gt=0, description="Seconds between queue polls.")
+
+
+# ---------------------------------------------------------------------------------------
 # Derived values
 
 
@@ -341,6 +455,15 @@ class Derived(_Section):
     student_seed: int
     data_seed: int
     probe_seed: int
+    config_sha256: str = Field("", description="SHA-256 of config.yaml as written at the "
+                               "start; resume refuses a config that no longer matches it.")
+
+
+def config_digest(cfg: Config) -> str:
+    """SHA-256 of the resolved config as written to config.yaml."""
+    import hashlib
+
+    return hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()
 
 
 def stream_seed(seed: int, stream: str) -> int:
@@ -401,6 +524,7 @@ def derive(cfg: Config, *, n_train: int, n_test: int, num_classes: int,
         student_seed=stream_seed(cfg.seed, "student"),
         data_seed=stream_seed(cfg.seed, "data"),
         probe_seed=stream_seed(cfg.seed, "probe"),
+        config_sha256=config_digest(cfg),
     )
 
 
@@ -420,7 +544,14 @@ def read_preset(preset: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"preset file {str(path)!r} not found")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"preset file {str(path)!r} is not UTF-8 text (byte "
+                              f"{exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read preset file {str(path)!r}: "
+                              f"{exc.strerror or exc}") from None
     else:
         names = preset_names()
         if str(preset) not in names:
@@ -497,6 +628,24 @@ def _section_fields(path: tuple[str | int, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+def did_you_mean(name: str, allowed: list[str], prefix: tuple[Any, ...] = ()) -> str:
+    """' (did you mean 'x.y'?)' for the closest allowed name, or ''. Also finds a key
+    given in the wrong section (e.g. `data.lr` -> `optim.lr`)."""
+    import difflib
+
+    dotted = ".".join(str(p) for p in prefix)
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {'.'.join(filter(None, [dotted, close[0]]))!r}?)"
+    everywhere = [key for key, _, _ in describe_keys()]
+    elsewhere = [k for k in everywhere if k.rsplit(".", 1)[-1] == name]
+    if elsewhere:
+        return f" (did you mean {elsewhere[0]!r}?)"
+    close = difflib.get_close_matches(".".join([*map(str, prefix), name]), everywhere, n=1,
+                                      cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line per problem, each naming the dotted key and what is allowed."""
     lines = []
@@ -505,7 +654,8 @@ def format_validation_error(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in loc) or "config"
         if err["type"] == "extra_forbidden":
             allowed = _section_fields(loc[:-1])
-            lines.append(f"unknown key {key!r}; allowed keys here: {', '.join(allowed)}")
+            lines.append(f"unknown key {key!r}{did_you_mean(str(loc[-1]), allowed, loc[:-1])}; "
+                         f"allowed keys here: {', '.join(allowed)}")
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] in ("model_type", "dict_type"):
@@ -513,7 +663,7 @@ def format_validation_error(exc: ValidationError) -> str:
         got = err.get("input")
         shown = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
         lines.append(f"{key}: {msg}{shown}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return "invalid config: " + "; ".join(lines)
 
 
 def build_config(data: dict[str, Any]) -> Config:

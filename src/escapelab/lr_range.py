@@ -34,36 +34,21 @@ import csv
 import io
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from escapelab.config import Config, build_config, config_to_dict, merge, parse_overrides
-from escapelab.errors import EscapelabError
-from escapelab.store import atomic_write_text, read_jsonl, write_json
+from escapelab.config import (
+    Config,
+    RangeOptions,
+    build_config,
+    config_to_dict,
+    merge,
+    parse_overrides,
+)
+from escapelab.store import RangeDir
 from escapelab.train import train_or_reuse
-
-CSV_FILE = "lr_range.csv"
-JSON_FILE = "lr_range.json"
-
-
-@dataclass(frozen=True)
-class RangeOptions:
-    start_lr: float = 1e-6
-    end_lr: float = 1e6
-    steps: int | None = 500
-    epochs: float | None = None
-    seeds: tuple[int, ...] = (0,)
-    mode: Literal["minibatch", "fixed", "full"] = "minibatch"
-    supervised: Literal["ce", "onehot_mse"] | None = "ce"
-    cap: float | None = None
-    window: int = 5
-    floor: float = 1e-12
-    start_steps: int | None = None
-    depart_factor: float = 2.0
-    diverge_factor: float = 10.0
 
 
 def detect(lrs: list[float] | np.ndarray, losses: list[float | None] | np.ndarray,
@@ -144,17 +129,13 @@ def _text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def run_lr_range(base: Config, out: Path | str, options: RangeOptions = RangeOptions(),
+def run_lr_range(base: Config, out: Path | str, options: RangeOptions | None = None,
                  progress: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run every curve and seed into ``out/runs/``, write lr_range.csv and lr_range.json
     into `out`, and return the JSON payload."""
-    if (options.steps is None) == (options.epochs is None):
-        raise EscapelabError("give exactly one of steps and epochs")
-    if not 0 < options.start_lr < options.end_lr:
-        raise EscapelabError(f"need 0 < start_lr < end_lr, got {options.start_lr} and "
-                             f"{options.end_lr}")
-    out = Path(out)
-    curves = ["escape"] + (["supervised"] if options.supervised else [])
+    options = options or RangeOptions()
+    folder = RangeDir(out)
+    curves = ["escape"] + (["supervised"] if options.supervised != "none" else [])
     rows: list[dict[str, Any]] = []
     detected: dict[str, dict[str, Any]] = {}
     for curve in curves:
@@ -163,9 +144,9 @@ def run_lr_range(base: Config, out: Path | str, options: RangeOptions = RangeOpt
             if progress is not None:
                 progress(curve, seed)
             cfg = curve_config(base, options, curve, seed)
-            run_dir = out / "runs" / f"{curve}-s{seed}"
-            summary = train_or_reuse(cfg, run_dir)
-            steps = read_jsonl(run_dir / "metrics" / "steps.jsonl")
+            run = folder.run(curve, seed)
+            summary = train_or_reuse(cfg, run.path)
+            steps = run.steps()
             for r in steps:
                 rows.append({"curve": curve, "seed": seed, "step": r["step"], "lr": r["lr"],
                              "loss": r["loss"], "grad_norm": r["grad_norm"]})
@@ -177,10 +158,9 @@ def run_lr_range(base: Config, out: Path | str, options: RangeOptions = RangeOpt
                          ended_early=summary["status"] == "capped"),
             }
         detected[curve] = {"seeds": per_seed, **_aggregate(per_seed)}
-    payload = {"options": asdict(options), "rules": _RULES, "curves": detected,
-               "band": _band(rows, curves)}
-    _write_csv(out / CSV_FILE, rows)
-    write_json(out / JSON_FILE, payload)
+    payload = {"options": options.model_dump(mode="json"), "rules": _RULES,
+               "curves": detected, "band": _band(rows, curves)}
+    folder.write(_csv_text(rows), payload)
     return payload
 
 
@@ -221,11 +201,11 @@ def _band(rows: list[dict[str, Any]], curves: list[str]) -> dict[str, Any]:
     return band
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _csv_text(rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["curve", "seed", "step", "lr", "loss",
                                                 "grad_norm"], lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    atomic_write_text(path, buffer.getvalue())
+    return buffer.getvalue()

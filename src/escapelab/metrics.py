@@ -38,7 +38,7 @@ from torch import Tensor
 
 ArrayLike = Tensor | np.ndarray
 CHUNK_BYTES = 1 << 27  # 128 MiB of float64 per chunk
-PINV_RTOL = 1e-8
+EPS = float(torch.finfo(torch.float64).eps)
 
 
 def _as_tensor(X: ArrayLike) -> Tensor:
@@ -190,14 +190,14 @@ class GramView:
 
     # -- separability -------------------------------------------------------------------
 
-    def fisher(self, labels: ArrayLike, rtol: float = PINV_RTOL) -> dict[str, float]:
+    def fisher(self, labels: ArrayLike, rtol: float | None = None) -> dict[str, float]:
         """Fisher separability figures; see :func:`fisher_separability`."""
         y = torch.as_tensor(np.asarray(labels)).to(self.device).long()
         if y.shape != (self.n,):
             raise ValueError(f"labels must have shape ({self.n},), got {tuple(y.shape)}")
         if self.n == 0:
             return {"tr_between": 0.0, "tr_within": 0.0, "tr_total": 0.0,
-                    "discriminant": 0.0}
+                    "discriminant": 0.0, "discriminant_rank": 0}
         classes, y = torch.unique(y, return_inverse=True)
         onehot = torch.nn.functional.one_hot(y, len(classes)).to(torch.float64)  # (n, C)
         counts = onehot.sum(0)  # (C,)
@@ -216,19 +216,34 @@ class GramView:
             within = (self.gram.clone() if bool(keep.all())
                       else self.gram[keep][:, keep])  # Sigma_w, d x d, built in place:
             within.addmm_(scaled.T, scaled, alpha=-1.0).div_(n)
-            floor = self._floor(_lambda_max_bound(within) if keep.any() else 0.0, rtol,
-                                tr_total)
+            # The discriminant is invariant to rescaling features, so the cut-off acts on
+            # the unit-diagonal D^-1/2 Sigma_w D^-1/2 (D = diag Sigma_w): features in any
+            # units count alike, and a full-rank Sigma_w whose ill-conditioning comes from
+            # its scales (condition 1e12, features spanning 1e-6) is inverted exactly.
+            total_var = self.gram.diagonal()[keep] / n
+            diag = within.diagonal().clone()
+            live = diag > 0
+            unit = torch.where(live, diag.clamp_min(1e-300).rsqrt(), torch.ones_like(diag))
+            within.mul_(unit[:, None]).mul_(unit[None, :])
+            scaled = scaled * unit[None, :]
+            # Rounding in the Gram is relative to the total variance, so a feature whose
+            # within-class variance is a small part of it is resolved only that much worse.
+            ratio = float((total_var[live] / diag[live]).max()) if bool(live.any()) else 1.0
+            top = _lambda_max_bound(within) if keep.any() else 0.0
+            floor = top * max(rtol or 0.0, max(self.n, self.d) * EPS * max(ratio, 1.0))
             solved = (_solve_if_well_conditioned(within, scaled.T, floor)
                       if keep.any() and floor > 0 else None)
             if solved is not None:  # tr(Sigma_w^{-1} Sigma_b) = sum_c S_c^T Sigma_w^{-1} S_c / n
                 discriminant = float((scaled.T * solved).sum()) / n
+                rank = int(keep.sum())
             else:
                 values, vecs = _eigh(within, vectors=True)
                 assert vecs is not None
                 coords = scaled @ vecs  # class-mean directions in Sigma_w's eigenbasis
                 # tr(pinv(Sigma_w) Sigma_b) = sum_c sum_k (v_k . S_c)^2 / (n n_c lambda_k)
-                inv = self._pinv_values(values, rtol, tr_total)
+                inv = _pinv_values(values, floor)
                 discriminant = float(((coords * coords) * inv).sum()) / n
+                rank = int((inv > 0).sum())
         else:
             # Kernel form. With A (n, C), A_c = 1_c / sqrt(n_c): Sigma_b = X_c^T A A^T X_c / n.
             amat = onehot / counts.sqrt()
@@ -243,7 +258,7 @@ class GramView:
             # so tr(pinv(Sigma_w) Sigma_b) = || pinv(K_w) (I - P) K_c A ||_F^2.
             rhs = ka - amat @ (amat.T @ ka)  # (I - P) K_c A, (n, C)
             top = _lambda_max_bound(kw)
-            floor = self._floor(top, rtol, tr_total * n)
+            floor = max((rtol or 0.0) * top, max(self.n, self.d) * EPS * tr_total * n)
             # K_w vanishes on the class indicators (range of P); on the rest it is
             # usually definite. Then K_w + c P is invertible, and on the range of I - P
             # its inverse is pinv(K_w).
@@ -254,29 +269,27 @@ class GramView:
                 kw.addmm_(amat, amat.T, alpha=-top / self.n)
             if solved is not None:
                 discriminant = float((solved * solved).sum())
+                rank = self.n - len(classes)
             else:
                 values, vecs = _eigh(kw, vectors=True)
                 assert vecs is not None
                 b = vecs.T @ rhs  # (n, C) in K_w's eigenbasis
-                inv = self._pinv_values(values, rtol, tr_total * n)
+                inv = _pinv_values(values, floor)
                 discriminant = float(((b * b) * (inv * inv)[:, None]).sum())
+                rank = int((inv > 0).sum())
         tr_within = max(tr_total - tr_between, 0.0)
         return {"tr_between": tr_between, "tr_within": tr_within, "tr_total": tr_total,
-                "discriminant": discriminant}
+                "discriminant": discriminant, "discriminant_rank": rank}
 
-    def _floor(self, top: float, rtol: float, total: float) -> float:
-        """The pseudo-inverse's cut-off, with an upper bound `top` of lambda_max."""
-        return max(rtol * top, max(self.n, self.d) * torch.finfo(torch.float64).eps * total)
 
-    def _pinv_values(self, values: Tensor, rtol: float, total: float) -> Tensor:
-        """1 / lambda for the eigenvalues of Sigma_w (or K_w) kept by the pseudo-inverse,
-        else 0: those above rtol * lambda_max and above the rounding level of the Gram
-        they were computed from (max(n, d) * eps * trace of the total scatter)."""
-        top = float(values.max()) if values.numel() else 0.0
-        floor = max(rtol * top, max(self.n, self.d) * torch.finfo(torch.float64).eps * total)
-        keep = values > floor if top > 0 else torch.zeros_like(values, dtype=torch.bool)
-        return torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)),
-                           torch.zeros_like(values))
+
+def _pinv_values(values: Tensor, floor: float) -> Tensor:
+    """1 / lambda for the eigenvalues kept by the pseudo-inverse (those above `floor`,
+    and only if some eigenvalue is positive), else 0."""
+    top = float(values.max()) if values.numel() else 0.0
+    keep = values > floor if top > 0 else torch.zeros_like(values, dtype=torch.bool)
+    return torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)),
+                       torch.zeros_like(values))
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,7 +354,7 @@ def dead_units(X: ArrayLike) -> int:
     return int((t == 0).all(dim=0).sum())
 
 
-def fisher_separability(X: ArrayLike, labels: ArrayLike, rtol: float = PINV_RTOL,
+def fisher_separability(X: ArrayLike, labels: ArrayLike, rtol: float | None = None,
                         ) -> dict[str, float]:
     """Fisher separability of X (n, d) under integer labels (n,) (paper Sec. 3, Fig. 3).
 
@@ -352,10 +365,14 @@ def fisher_separability(X: ArrayLike, labels: ArrayLike, rtol: float = PINV_RTOL
     - ``tr_between`` = tr(Sigma_b), Sigma_b = (1/n) sum_c n_c (mu_c - mu)(mu_c - mu)^T
     - ``tr_within``  = tr(Sigma_w), Sigma_w = (1/n) sum_c sum_{i in c} (x_i - mu_c)(...)^T
       (Sigma_t = Sigma_w + Sigma_b)
-    - ``discriminant`` = tr(pinv(Sigma_w) Sigma_b), where the pseudo-inverse drops the
-      eigenvalues of Sigma_w at or below ``rtol * lambda_max(Sigma_w)`` (default 1e-8)
-      and those at float64 rounding level, max(n, d) * eps * tr(Sigma_t); 0 when
-      Sigma_w = 0. When d > n it is computed in the span of the data.
+    - ``discriminant`` = tr(pinv(Sigma_w) Sigma_b). When d <= n the pseudo-inverse is
+      taken of the unit-diagonal D^-1/2 Sigma_w D^-1/2 (D = diag Sigma_w; the
+      discriminant does not change under feature scaling), dropping eigenvalues below
+      the Gram route's resolution, max(n, d) * eps * max_i(Sigma_t,ii / Sigma_w,ii)
+      times the largest, or below ``rtol`` times it if given. When d > n it is computed
+      in the span of the data, dropping eigenvalues of K_w below max(n, d) * eps *
+      n tr(Sigma_t) (or ``rtol`` times the largest). 0 when Sigma_w = 0.
+    - ``discriminant_rank``: how many eigen-directions the pseudo-inverse kept.
     """
     return GramView(X).fisher(labels, rtol)
 
@@ -371,7 +388,7 @@ def kmeans_labels(X: ArrayLike, k: int, seed: int = 0) -> np.ndarray:
 
 
 def layer_summary(X: ArrayLike, labels: ArrayLike | None = None, center: bool = False,
-                  mass: float = 0.999, rtol: float = PINV_RTOL) -> dict[str, Any]:
+                  mass: float = 0.999, rtol: float | None = None) -> dict[str, Any]:
     """Effective rank, condition number and (with labels) Fisher separability of one
     layer's features, sharing one Gram matrix."""
     view = GramView(X)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,16 @@ from matplotlib.figure import Figure
 
 from escapelab import plots
 from escapelab.errors import EscapelabError
-from escapelab.store import EVALS_FILE, STEPS_FILE, RunDir, atomic_write_text, read_json
-
-REPORT_FILE = "report.html"
+from escapelab.store import (
+    FIGURES_DIR,
+    REPORT_FILE,
+    RangeDir,
+    RunDir,
+    SweepDir,
+    atomic_write_text,
+    kind_of,
+    writing,
+)
 
 
 @dataclass
@@ -54,29 +62,25 @@ class RunData:
 
 def load_run(path: Path) -> RunData:
     run = RunDir.open(path)
-    evals = run.read_jsonl(EVALS_FILE)
-    analysis = path / "analysis.json"
+    evals = run.evals()
+    summary = run.summary()
     return RunData(
         path=path,
-        config_text=(path / "config.yaml").read_text(),
-        summary=run.read_json("summary.json") if run.finished else None,
-        steps=run.read_jsonl(STEPS_FILE),
-        evals=[r for r in evals if r["model"] == "student"],
-        teacher=next((r for r in evals if r["model"] == "teacher"), None),
-        analysis=read_json(analysis) if analysis.exists() else None,
+        config_text=run.config_text(),
+        summary=summary.model_dump() if summary is not None else None,
+        steps=run.steps(),
+        evals=[r for r in evals if r.get("model") == "student"],
+        teacher=next((r for r in evals if r.get("model") == "teacher"), None),
+        analysis=run.analysis(),
     )
 
 
-def kind_of(path: Path) -> str:
-    if (path / "sweep.json").exists():
-        return "sweep"
-    if (path / "lr_range.json").exists():
-        return "lr-range"
-    if (path / "config.yaml").exists() and (path / "metrics").is_dir():
-        return "run"
-    raise EscapelabError(f"{path} is not a run directory, a sweep folder or an LR range "
-                         "test folder (no config.yaml + metrics/, sweep.json or "
-                         "lr_range.json)")
+def _kind(path: Path) -> str:
+    kind = kind_of(path)
+    if kind is None:
+        raise EscapelabError(f"{path} is not a run directory, a sweep folder or an LR range "
+                             "test folder")
+    return kind
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,13 +244,14 @@ def _sort_key(value: str) -> tuple[int, float, str]:
 
 def sweep_groups(path: Path) -> tuple[list[str], dict[str, list[RunData]], dict[str, dict]]:
     """Runs of a sweep grouped by their non-seed values (label -> runs), in value order."""
-    meta = read_json(path / "sweep.json")
+    sweep = SweepDir(path)
+    meta = sweep.meta()
     axes = [a for a in meta["axes"] if a != "seed"]
     groups: dict[str, list[RunData]] = {}
     values: dict[str, dict] = {}
     for point in meta["points"]:
-        run_dir = path / "runs" / point["run"]
-        if not (run_dir / "config.yaml").exists():
+        run_dir = sweep.run_path(point["run"])
+        if kind_of(run_dir) != "run":
             continue
         label = ", ".join(f"{_axis_name(a)}={point['values'][a]}" for a in axes) or "runs"
         groups.setdefault(label, []).append(load_run(run_dir))
@@ -371,8 +376,8 @@ def _sweep_section(path: Path) -> str:
     import csv
 
     parts = []
-    for name, title in (("table.csv", "Aggregate over seeds"), ("runs.csv", "Every run")):
-        file = path / name
+    for (name, file), title in zip(SweepDir(path).tables().items(),
+                                   ("Aggregate over seeds", "Every run"), strict=True):
         if not file.exists():
             continue
         with file.open() as f:
@@ -411,7 +416,7 @@ def _png(fig: Figure) -> bytes:
 def write_report(path: Path | str) -> Path:
     """Draw every figure the data in `path` supports and write ``report.html``."""
     path = Path(path)
-    kind = kind_of(path)
+    kind = _kind(path)
     title = f"escapelab {kind}: {path.name}"
     sections: list[str] = []
     drawn: list[Drawn]
@@ -434,9 +439,9 @@ def write_report(path: Path | str) -> Path:
                         "<i>escapes</i> and ends at least 0.5 points of probe accuracy above "
                         "it, <i>collapses</i> (drops below it and does not end above), "
                         "<i>diverges</i> (non-finite loss).</p>" + _sweep_section(path))
-        config = (path / "sweep.json").read_text()
+        config = json.dumps(SweepDir(path).meta(), indent=2)
     else:
-        payload = read_json(path / "lr_range.json")
+        payload = RangeDir(path).payload()
         drawn = [Drawn("fig1a_lr_range", "LR range test (Fig. 1a)", CAPTIONS["fig1a"],
                        plots.lr_range_figure(payload))]
         rows = [[html.escape(c), _fmt(info["depart_lr"]), _fmt(info["diverge_lr"])]
@@ -445,13 +450,20 @@ def write_report(path: Path | str) -> Path:
                         + _table(["curve", "departs at eta", "diverges at eta"], rows)
                         + f"<p>Rules: {html.escape(payload['rules'])}</p>")
         config = str(payload["options"])
-    figures_dir = path / "figures"
-    figures_dir.mkdir(exist_ok=True)
+    figures_dir = path / FIGURES_DIR
     figure_html = []
+    with writing(figures_dir):
+        figures_dir.mkdir(exist_ok=True)
+        ids = {d.id for d in drawn}
+        for old in [*figures_dir.glob("*.png"), *figures_dir.glob("*.pdf")]:
+            if old.stem not in ids:  # a figure the data no longer supports is not kept
+                old.unlink()
+        pngs = {d.id: _png(d.figure) for d in drawn}
+        for d in drawn:
+            (figures_dir / f"{d.id}.png").write_bytes(pngs[d.id])
+            d.figure.savefig(figures_dir / f"{d.id}.pdf")
     for d in drawn:
-        png = _png(d.figure)
-        (figures_dir / f"{d.id}.png").write_bytes(png)
-        d.figure.savefig(figures_dir / f"{d.id}.pdf")
+        png = pngs[d.id]
         encoded = base64.b64encode(png).decode()
         figure_html.append(
             f'<figure id="{d.id}"><img src="data:image/png;base64,{encoded}" '

@@ -1,45 +1,102 @@
 """Run directories: the only bridge between computing results and reading them.
 
-Layout of a run directory::
+This module is the one place that knows file names and layouts. Layout of a run
+directory::
 
     config.yaml              the resolved config, exactly as validated (never edited)
-    derived.json             values that follow from config + data (steps per epoch ...)
+    derived.json             values that follow from config + data, and the config's hash
     environment.json         package versions, git SHA, device, threads
     init.json                realized teacher -> student offset
-    status.json              running / interrupted / completed / diverged, last step
+    status.json              starting / running / interrupted / failed / completed /
+                             diverged / capped, last step, writer PID + host + heartbeat
     metrics/steps.jsonl      one line per SGD step
     metrics/evals.jsonl      one line per evaluation (teacher once, student on schedule)
     checkpoints/T|C|S|step_<k>.safetensors + .json   weights + metadata
     checkpoints/last.safetensors + .json             resumable training state
     summary.json             written last: its presence means the run finished
+    analysis.csv, analysis.json   `escapelab analyze`
+    figures/, report.html         `escapelab report`
+    .lock                    held (flock) by the one process writing the directory
 
-JSON and checkpoint files are written to a temporary name and renamed into place, so
-a reader never sees a half-written file and an interrupted run never has a
-summary.json. Non-finite floats are written as null.
+Guarantees (each backed by a test; README "What survives what"):
+
+- One writer: whoever writes a run directory holds an exclusive ``flock`` on ``.lock``
+  (released by the kernel when its process dies, so a stale lock never blocks); a
+  second writer gets one line naming the PID and host that hold it.
+- Durable: JSON and checkpoint files are written to a temporary name, fsynced and
+  renamed into place (a reader never sees half a file); JSON-lines records are
+  fsynced when appended, before any checkpoint that counts them.
+- Damage is reported, never silently dropped: an unreadable line in the middle of a
+  JSON-lines file is skipped with a warning naming the file and line; only a torn last
+  line (a kill mid-write) is ignored quietly. Resume moves damaged lines to
+  ``<file>.damaged`` and keeps every valid record.
+- Files are created with the user's umask (collaborators and other nodes can read
+  them); non-finite floats are written as null.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import tempfile
-from collections.abc import Iterable
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from escapelab.errors import RunDirError
+from escapelab.config import Config, Derived, config_digest, dump_yaml, load_config
+from escapelab.errors import ConfigError, RunDirError
+
+# -- the layout: every file name escapelab writes ------------------------------------------
 
 CONFIG_FILE = "config.yaml"
+DERIVED_FILE = "derived.json"
+ENVIRONMENT_FILE = "environment.json"
+INIT_FILE = "init.json"
+STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 STEPS_FILE = "metrics/steps.jsonl"
 EVALS_FILE = "metrics/evals.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+ANALYSIS_CSV = "analysis.csv"
+ANALYSIS_JSON = "analysis.json"
+REPORT_FILE = "report.html"
+FIGURES_DIR = "figures"
+RESUME_CHECKPOINT = "last"
+# A sweep folder
+SWEEP_FILE = "sweep.json"
+SWEEP_RUNS_DIR = "runs"
+SWEEP_FAILURES_DIR = "failures"
+SWEEP_RUNS_CSV = "runs.csv"
+SWEEP_TABLE_CSV = "table.csv"
+SLURM_DIR = "slurm"
+# An LR range test folder
+LR_RANGE_CSV = "lr_range.csv"
+LR_RANGE_JSON = "lr_range.json"
+
+RunState = Literal["starting", "running", "interrupted", "failed", "completed", "diverged",
+                   "capped"]
+ENDED_STATES = ("completed", "diverged", "capped")
+
+
+class RunDirWarning(UserWarning):
+    """Something in a run directory is damaged but nothing valid was lost."""
+
+
+# -- plain files ------------------------------------------------------------------------------
 
 
 def clean(obj: Any) -> Any:
@@ -53,18 +110,58 @@ def clean(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _umask() -> int:
+    mask = os.umask(0o022)  # there is no getter; set and restore at once
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` (full disk, read-only, no permission) into
+    one RunDirError line."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        hint = " (free some space, then resume the run)" if exc.errno == errno.ENOSPC else ""
+        raise RunDirError(f"cannot write {path}: {reason}{hint}") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through `write(tmp)` to a temporary sibling, fsync, rename into place."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 whatever the umask
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -72,127 +169,612 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """A JSON file, or one RunDirError line if it is missing, empty or damaged."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RunDirError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        what = "empty" if not text.strip() else f"damaged ({exc.msg} at line {exc.lineno})"
+        raise RunDirError(f"{path} is {what}") from None
+
+
+def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records, one JSON line each, and fsync: on disk before anything that
+    refers to them (a checkpoint counting them) is written."""
+    lines = "".join(json.dumps(clean(r), allow_nan=False) + "\n" for r in records)
+    if not lines:
+        return
+    with writing(path):
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def scan_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """(valid records, damaged lines as (line number, text)) of a JSON-lines file.
+
+    A last line without its newline that does not parse is a torn write (the writer was
+    killed mid-line): it is neither a record nor damage. Any other unreadable line is
+    damage; the records after it are kept.
+    """
+    if not path.exists():
+        return [], []
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from None
+    text = raw.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    torn_tail = not text.endswith("\n")
+    records, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            records.append(record)
+        except ValueError:
+            if torn_tail and number == len(lines):
+                continue
+            damaged.append((number, line))
+    return records, damaged
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a torn last line (killed mid-write) is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
+    """Every valid record; damaged lines are skipped with a :class:`RunDirWarning`."""
+    records, damaged = scan_jsonl(path)
+    if damaged:
+        numbers = ", ".join(str(n) for n, _ in damaged[:5])
+        warnings.warn(f"{path}: {len(damaged)} damaged line(s) skipped (line {numbers}); "
+                      "every other record was read", RunDirWarning, stacklevel=2)
     return records
 
 
+def config_changes(before: dict[str, Any], after: dict[str, Any], prefix: str = "",
+                   ) -> list[str]:
+    """Dotted keys whose value differs between two config dicts, as 'key: a -> b'."""
+    out = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+# -- typed records ------------------------------------------------------------------------------
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Status(_Record):
+    """status.json: what a run is doing or how it ended, and who writes it."""
+
+    status: RunState
+    step: int = 0
+    total_steps: int | None = None
+    reason: str | None = None
+    resumable: bool = False
+    pid: int | None = None
+    host: str | None = None
+    started: float | None = None  # Unix time the writer started
+    heartbeat: float | None = None  # Unix time of the writer's last sign of life
+
+
+class Summary(_Record):
+    """summary.json: the run's headline numbers (accuracies are fractions in [0, 1]).
+
+    Written last: its presence means the run finished. ``summary["gain"]`` works like
+    ``summary.gain`` for notebook convenience."""
+
+    status: Literal["completed", "diverged", "capped"]
+    reason: str | None = None
+    steps_completed: int
+    total_steps: int
+    teacher_probe_acc: float | None = None
+    final_probe_acc: float | None = None
+    gain: float | None = None
+    min_probe_acc: float | None = None
+    min_probe_acc_step: int | None = None
+    teacher_knn_acc: float | None = None
+    final_knn_acc: float | None = None
+    escape_step: int | None = None
+    collapse_step: int | None = None
+    collapse_criterion: str | None = None
+    probe_acc_collapse: float | None = None
+    erank_teacher: float | None = None
+    erank_collapse: float | None = None
+    erank_final: float | None = None
+    dead_frac_teacher: float | None = None
+    dead_frac_collapse: float | None = None
+    dead_frac_final: float | None = None
+    loss_init: float | None = None
+    loss_final: float | None = None
+    offset_realized: float | None = None
+    offset_ratio: float | None = None
+    changed_frac: float | None = None
+    wall_s: float = 0.0
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+# -- the lock ---------------------------------------------------------------------------------
+
+
+def _holder_text(info: dict[str, Any]) -> str:
+    since = info.get("since")
+    when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if since else ""
+    return f"PID {info.get('pid', '?')} on {info.get('host', '?')}{when}"
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<dir>/.lock``, holding the writer's PID and host.
+
+    The kernel drops the lock when the holding process dies (kill -9 included), so a
+    dead writer's lock is taken over by the next one without any clean-up. (The
+    `filelock` package truncates the lock file on every attempt, which would erase the
+    holder's name, hence fcntl directly.)
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        with writing(self.path):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read(fd)
+            os.close(fd)
+            raise RunDirError(f"{self.path.parent} is being written by {_holder_text(holder)}; "
+                              "wait for it to finish or stop it first") from None
+        with writing(self.path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.time()}).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return info if isinstance(info, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @classmethod
+    def holder(cls, folder: Path) -> dict[str, Any] | None:
+        """Who holds the lock of `folder` now (pid, host, since), or None if nobody."""
+        path = folder / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return cls._read(fd)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+
+# -- a run directory --------------------------------------------------------------------------
+
+
 class RunDir:
-    """A run directory on disk."""
+    """A run directory on disk: typed reads for everyone, writes for its lock holder."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.lock: RunLock | None = None
+        self.started = time.time()
 
     # -- lifecycle ----------------------------------------------------------------------
 
     @classmethod
-    def ensure_free(cls, path: Path | str, overwrite: bool = False) -> None:
-        """Raise unless `path` is absent, empty, or a run directory we may overwrite."""
+    def check_free(cls, path: Path | str, overwrite: bool = False) -> None:
+        """Raise unless `path` is absent, empty, or a run directory we may overwrite;
+        and check that it can be written (before any data or model is built)."""
         run = cls(path)
         if run.path.exists() and not run.path.is_dir():
             raise RunDirError(f"{run.path} exists and is not a directory")
-        if run.path.exists() and any(run.path.iterdir()):
+        if run.path.exists() and any(p.name != LOCK_FILE for p in run.path.iterdir()):
             if not (run.path / CONFIG_FILE).is_file():
                 raise RunDirError(f"{run.path} exists, is not empty and is not a run "
                                   "directory; choose another --out")
+            holder = RunLock.holder(run.path)
+            if holder is not None:
+                raise RunDirError(f"{run.path} is being written by {_holder_text(holder)}; "
+                                  "wait for it to finish or stop it first")
             if not overwrite:
-                state = run.status().get("status", "unknown")
-                raise RunDirError(f"{run.path} already holds a run (status: {state}); choose "
-                                  "another --out, pass --overwrite, or --resume it")
+                raise RunDirError(f"{run.path} already holds a run ({run.state_text()}); "
+                                  "choose another --out, pass --overwrite, or --resume it")
+        folder = run.path if run.path.exists() else _first_existing(run.path)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RunDirError(f"cannot write {folder}: permission denied (or read-only); "
+                              "choose another --out")
 
     @classmethod
     def create(cls, path: Path | str, overwrite: bool = False) -> RunDir:
-        """A new, empty run directory; refuses to mix with an existing run."""
-        cls.ensure_free(path, overwrite)
+        """A new, empty, locked run directory; refuses to mix with an existing run.
+        With `overwrite`, the old run's files are removed only once the lock is held."""
+        cls.check_free(path, overwrite)
         run = cls(path)
-        if run.path.exists():
-            shutil.rmtree(run.path)
-        (run.path / "metrics").mkdir(parents=True)
-        (run.path / "checkpoints").mkdir()
-        return run
+        with writing(run.path):
+            run.path.mkdir(parents=True, exist_ok=True)
+        return run.acquire().reset()
+
+    def reset(self) -> RunDir:
+        """Remove everything but the lock (held) and lay out the empty folders."""
+        assert self.lock is not None, "reset needs the lock"
+        for child in self.path.iterdir():
+            if child.name == LOCK_FILE:
+                continue
+            with writing(child):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        with writing(self.path):
+            (self.path / "metrics").mkdir()
+            (self.path / CHECKPOINT_DIR).mkdir()
+        return self
+
+    def is_empty(self) -> bool:
+        """Absent, or holding nothing but a lock file."""
+        return not self.path.exists() or not any(p.name != LOCK_FILE
+                                                 for p in self.path.iterdir())
 
     @classmethod
     def open(cls, path: Path | str) -> RunDir:
+        """An existing run directory (for reading; :meth:`acquire` before writing)."""
         run = cls(path)
         if not (run.path / CONFIG_FILE).is_file():
             raise RunDirError(f"{run.path} is not a run directory (no {CONFIG_FILE})")
         return run
 
-    def status(self) -> dict[str, Any]:
-        path = self.path / "status.json"
-        return read_json(path) if path.exists() else {}
+    def acquire(self) -> RunDir:
+        """Take the writer's lock (one clear line if another process holds it)."""
+        if self.lock is None:
+            self.lock = RunLock(self.path).acquire()
+        return self
 
-    def set_status(self, status: str, **fields: Any) -> None:
-        write_json(self.path / "status.json", {"status": status, **fields})
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def remove(self) -> None:
+        """Delete this (just created, still empty of results) directory."""
+        self.release()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> Status | None:
+        path = self.path / STATUS_FILE
+        if not path.exists():
+            return None
+        try:
+            return Status.model_validate(read_json(path))
+        except ValidationError as exc:
+            raise RunDirError(f"{path} is damaged: {exc.errors()[0]['msg']}") from None
+
+    def set_status(self, status: RunState, **fields: Any) -> None:
+        now = time.time()
+        record = Status(status=status, pid=os.getpid(), host=socket.gethostname(),
+                        started=self.started, heartbeat=now, **fields)
+        write_json(self.path / STATUS_FILE, record.model_dump())
+
+    def state_text(self) -> str:
+        """What the run is doing, judged by its status and its lock: 'running (...)',
+        'dead (...)', 'interrupted at step k of n (resumable)', 'completed', ..."""
+        status = self.status()
+        if status is None:
+            return "unknown (no status.json)"
+        where = f"step {status.step}" + (f" of {status.total_steps}"
+                                         if status.total_steps else "")
+        if status.status in ("starting", "running"):
+            holder = RunLock.holder(self.path)
+            beat = (f"last heartbeat {time.time() - status.heartbeat:.0f} s ago"
+                    if status.heartbeat else "no heartbeat")
+            if holder is not None:
+                return f"running, {where}, {_holder_text(holder)}, {beat}"
+            resumable = self.has_checkpoint(RESUME_CHECKPOINT)
+            return (f"dead ({status.status} at {where}, {beat}; the writer PID "
+                    f"{status.pid} on {status.host} is gone; "
+                    + ("resumable)" if resumable else "nothing to resume: start it again)"))
+        text = f"{status.status} at {where}"
+        if status.reason:
+            text += f" ({status.reason})"
+        if status.status in ("interrupted", "failed"):
+            text += "; resumable" if self.has_checkpoint(RESUME_CHECKPOINT) else \
+                "; not resumable (no checkpoint yet): start it again with --overwrite"
+        return text
 
     @property
     def finished(self) -> bool:
         return (self.path / SUMMARY_FILE).exists()
 
-    # -- files --------------------------------------------------------------------------
+    # -- typed reads --------------------------------------------------------------------
 
-    def write_json(self, name: str, obj: Any) -> None:
-        write_json(self.path / name, obj)
+    def config(self) -> Config:
+        try:
+            return load_config(self.path / CONFIG_FILE)
+        except ConfigError as exc:
+            raise RunDirError(f"{self.path / CONFIG_FILE}: {exc}") from None
 
-    def read_json(self, name: str) -> Any:
-        path = self.path / name
-        if not path.exists():
-            raise RunDirError(f"{path} is missing")
-        return read_json(path)
+    def config_text(self) -> str:
+        return (self.path / CONFIG_FILE).read_text()
 
-    def write_text(self, name: str, text: str) -> None:
-        atomic_write_text(self.path / name, text)
+    def derived(self) -> Derived:
+        payload = read_json(self.path / DERIVED_FILE)
+        try:
+            return Derived.model_validate(payload)
+        except ValidationError as exc:
+            raise RunDirError(f"{self.path / DERIVED_FILE} is damaged: "
+                              f"{exc.errors()[0]['msg']}") from None
 
-    def append_jsonl(self, name: str, records: Iterable[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(clean(r), allow_nan=False) + "\n" for r in records)
-        if lines:
-            with (self.path / name).open("a") as f:
-                f.write(lines)
+    def summary(self) -> Summary | None:
+        """The summary of a finished run, else None."""
+        if not self.finished:
+            return None
+        try:
+            return Summary.model_validate(read_json(self.path / SUMMARY_FILE))
+        except ValidationError as exc:
+            raise RunDirError(f"{self.path / SUMMARY_FILE} is damaged: "
+                              f"{exc.errors()[0]['msg']}") from None
 
-    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
-        return read_jsonl(self.path / name)
+    def init(self) -> dict[str, Any]:
+        return dict(read_json(self.path / INIT_FILE))
 
-    def truncate_jsonl(self, name: str, keep: Any) -> None:
-        """Keep only the records for which ``keep(record)`` is true (used on resume)."""
-        records = [r for r in self.read_jsonl(name) if keep(r)]
-        atomic_write_text(self.path / name,
-                          "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+    def steps(self) -> list[dict[str, Any]]:
+        """metrics/steps.jsonl: step, lr, loss, grad_norm, dist_teacher per SGD step."""
+        return read_jsonl(self.path / STEPS_FILE)
+
+    def evals(self) -> list[dict[str, Any]]:
+        """metrics/evals.jsonl: the teacher's evaluation, then the student's."""
+        return read_jsonl(self.path / EVALS_FILE)
+
+    def teacher_eval(self) -> dict[str, Any] | None:
+        return next((r for r in self.evals() if r.get("model") == "teacher"), None)
+
+    def student_evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.evals() if r.get("model") == "student"]
+
+    def matches(self, cfg: Config) -> bool:
+        """Whether this directory holds a run of exactly `cfg` (config.yaml unedited)."""
+        path = self.path / CONFIG_FILE
+        if not path.is_file() or path.read_text() != dump_yaml(cfg):
+            return False
+        try:
+            return read_json(self.path / DERIVED_FILE).get("config_sha256") == \
+                config_digest(cfg)
+        except RunDirError:
+            return False
+
+    # -- writes (the lock holder) -------------------------------------------------------
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_text(self.path / CONFIG_FILE, dump_yaml(cfg))
+
+    def write_start(self, cfg: Config, derived: Derived, environment: dict[str, Any],
+                    init: dict[str, Any]) -> None:
+        """The files that describe the run, before its first step."""
+        self.write_config(cfg)
+        write_json(self.path / DERIVED_FILE, derived.model_dump(mode="json"))
+        write_json(self.path / ENVIRONMENT_FILE, environment)
+        write_json(self.path / INIT_FILE, init)
+
+    def write_summary(self, summary: Summary) -> None:
+        write_json(self.path / SUMMARY_FILE, summary.model_dump())
+
+    def append_steps(self, records: Iterable[dict[str, Any]]) -> None:
+        append_jsonl(self.path / STEPS_FILE, records)
+
+    def append_evals(self, records: Iterable[dict[str, Any]]) -> None:
+        append_jsonl(self.path / EVALS_FILE, records)
+
+    def rewind(self, step: int) -> dict[str, int]:
+        """Keep the records up to `step` (resume recomputes the rest). Damaged lines are
+        moved to ``<file>.damaged`` with a warning, never dropped. Returns the number of
+        records kept per file."""
+        kept = {}
+        for name, keep in ((STEPS_FILE, lambda r: r.get("step", math.inf) <= step),
+                           (EVALS_FILE, lambda r: r.get("model") == "teacher"
+                            or r.get("step", math.inf) <= step)):
+            path = self.path / name
+            records, damaged = scan_jsonl(path)
+            if damaged:
+                aside = path.with_name(path.name + ".damaged")
+                with writing(aside), aside.open("a") as f:
+                    f.writelines(f"{n}\t{line}\n" for n, line in damaged)
+                warnings.warn(f"{path}: {len(damaged)} damaged line(s) (line "
+                              f"{', '.join(str(n) for n, _ in damaged[:5])}) moved to "
+                              f"{aside.name}; every valid record was kept", RunDirWarning,
+                              stacklevel=2)
+            records = [r for r in records if keep(r)]
+            kept[name] = len(records)
+            atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n"
+                                            for r in records))
+        return kept
+
+    def write_analysis(self, csv_text: str, payload: dict[str, Any]) -> None:
+        atomic_write_text(self.path / ANALYSIS_CSV, csv_text)
+        write_json(self.path / ANALYSIS_JSON, payload)
+
+    def analysis(self) -> dict[str, Any] | None:
+        path = self.path / ANALYSIS_JSON
+        return dict(read_json(path)) if path.exists() else None
 
     # -- checkpoints --------------------------------------------------------------------
 
     def checkpoint_path(self, name: str) -> Path:
-        return self.path / "checkpoints" / f"{name}.safetensors"
+        return self.path / CHECKPOINT_DIR / f"{name}.safetensors"
+
+    def has_checkpoint(self, name: str) -> bool:
+        return self.checkpoint_path(name).exists()
 
     def save_checkpoint(self, name: str, tensors: dict[str, torch.Tensor],
                         meta: dict[str, Any]) -> None:
         """Weights as safetensors plus a JSON sidecar, both written atomically."""
-        path = self.checkpoint_path(name)
-        tmp = path.with_name(f".{path.name}.tmp")
+        from safetensors.torch import save_file
+
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, str(tmp), metadata={"name": name, "format": "escapelab"})
-        os.replace(tmp, path)
-        write_json(path.with_suffix(".json"), {"name": name, **meta})
+        _atomic_write(self.checkpoint_path(name), lambda tmp: save_file(
+            contiguous, str(tmp), metadata={"name": name, "format": "escapelab"}))
+        write_json(self.checkpoint_path(name).with_suffix(".json"), {"name": name, **meta})
 
     def load_checkpoint(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, metadata) of one checkpoint; one line if missing or damaged."""
+        from safetensors.torch import load_file
+
         path = self.checkpoint_path(name)
         if not path.exists():
-            raise RunDirError(f"checkpoint {name!r} not found in {self.path / 'checkpoints'}")
-        return load_file(str(path)), read_json(path.with_suffix(".json"))
+            raise RunDirError(f"checkpoint {name!r} not found in {path.parent}")
+        meta = read_json(path.with_suffix(".json"))
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise RunDirError(f"{path} is damaged or truncated ({exc}); "
+                              "it cannot be read") from None
+        return tensors, meta
+
+    def drop_checkpoint(self, name: str) -> None:
+        with writing(self.checkpoint_path(name)):
+            self.checkpoint_path(name).unlink(missing_ok=True)
+            self.checkpoint_path(name).with_suffix(".json").unlink(missing_ok=True)
 
     def checkpoint_names(self) -> list[str]:
-        return sorted(p.stem for p in (self.path / "checkpoints").glob("*.safetensors")
-                      if p.stem != "last")
+        folder = self.path / CHECKPOINT_DIR
+        return sorted(p.stem for p in folder.glob("*.safetensors")
+                      if p.stem != RESUME_CHECKPOINT) if folder.is_dir() else []
+
+    # -- figures ------------------------------------------------------------------------
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / FIGURES_DIR
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / REPORT_FILE
+
+
+def _first_existing(path: Path) -> Path:
+    for parent in [path, *path.absolute().parents]:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+def kind_of(path: Path) -> Literal["run", "sweep", "lr-range"] | None:
+    """What escapelab folder `path` is, by the files it holds."""
+    if (path / SWEEP_FILE).exists():
+        return "sweep"
+    if (path / LR_RANGE_JSON).exists():
+        return "lr-range"
+    if (path / CONFIG_FILE).exists() and (path / "metrics").is_dir():
+        return "run"
+    return None
+
+
+# -- sweep and LR range folders -------------------------------------------------------------
+
+
+class SweepDir:
+    """A sweep folder: sweep.json, runs/<point>/, failures/<point>.json, runs.csv,
+    table.csv, slurm/."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.path / SWEEP_RUNS_DIR / name)
+
+    def run_path(self, name: str) -> Path:
+        return self.path / SWEEP_RUNS_DIR / name
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        write_json(self.path / SWEEP_FILE, meta)
+
+    def meta(self) -> dict[str, Any]:
+        return dict(read_json(self.path / SWEEP_FILE))
+
+    def failure_path(self, name: str) -> Path:
+        return self.path / SWEEP_FAILURES_DIR / f"{name}.json"
+
+    def write_failure(self, name: str, error: str) -> None:
+        write_json(self.failure_path(name), {"status": "failed", "error": error})
+
+    def clear_failure(self, name: str) -> None:
+        self.failure_path(name).unlink(missing_ok=True)
+
+    def failure(self, name: str) -> dict[str, Any] | None:
+        path = self.failure_path(name)
+        return dict(read_json(path)) if path.exists() else None
+
+    def write_tables(self, runs_csv: str, table_csv: str) -> None:
+        atomic_write_text(self.path / SWEEP_RUNS_CSV, runs_csv)
+        atomic_write_text(self.path / SWEEP_TABLE_CSV, table_csv)
+
+    def tables(self) -> dict[str, Path]:
+        return {name: self.path / name for name in (SWEEP_TABLE_CSV, SWEEP_RUNS_CSV)}
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.path / SLURM_DIR
+
+
+class RangeDir:
+    """An LR range test folder: lr_range.csv, lr_range.json and runs/<curve>-s<seed>/."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def run(self, curve: str, seed: int) -> RunDir:
+        return RunDir(self.path / SWEEP_RUNS_DIR / f"{curve}-s{seed}")
+
+    def write(self, csv_text: str, payload: dict[str, Any]) -> None:
+        atomic_write_text(self.path / LR_RANGE_CSV, csv_text)
+        write_json(self.path / LR_RANGE_JSON, payload)
+
+    def payload(self) -> dict[str, Any]:
+        return dict(read_json(self.path / LR_RANGE_JSON))
+
+    @property
+    def csv_path(self) -> Path:
+        return self.path / LR_RANGE_CSV
+
+    @property
+    def json_path(self) -> Path:
+        return self.path / LR_RANGE_JSON
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -209,6 +791,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "numpy": numpy.__version__,
         "scikit-learn": sklearn.__version__,
         "platform": platform.platform(),
+        "host": socket.gethostname(),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "git_sha": None,
@@ -229,3 +812,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return env
+
+
+__all__ = ["RunDir", "SweepDir", "RangeDir", "Status", "Summary", "RunLock", "config_digest",
+           "config_changes"]

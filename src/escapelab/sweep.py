@@ -24,6 +24,7 @@ failed or diverged run never stops the others. ``runs.csv`` has one row per run,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -33,24 +34,27 @@ import math
 import os
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from escapelab.cluster import SlurmOptions
 from escapelab.config import (
     Config,
     build_config,
     config_to_dict,
+    did_you_mean,
     merge,
     parse_overrides,
     read_preset,
 )
 from escapelab.errors import ConfigError, EscapelabError
-from escapelab.store import RunDir, atomic_write_text, read_json, write_json
+from escapelab.store import SweepDir
 
 PHASE_MARGIN = 0.005  # half a point of probe accuracy
 SUMMARY_FIELDS = ("status", "teacher_probe_acc", "min_probe_acc", "final_probe_acc", "gain",
@@ -64,12 +68,42 @@ AGGREGATED = ("teacher_probe_acc", "min_probe_acc", "final_probe_acc", "gain",
 # Specs and points
 
 
-@dataclass(frozen=True)
-class SweepSpec:
+class _SpecPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    base: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [k for k, v in grid.items() if not v]
+        if empty:
+            raise ValueError(f"every grid key needs a non-empty list of values: {empty}")
+        return grid
+
+
+class _SpecFile(_SpecPart):
+    """A sweep spec file: a base, overrides and a grid, and optionally the same sweep at
+    paper scale (`paper:`, the same keys). Unknown keys anywhere are errors."""
+
+    paper: _SpecPart | None = None
+
+
+class SweepSpec(BaseModel):
+    """One sweep, resolved for one scale."""
+
+    model_config = ConfigDict(frozen=True)
+
     name: str
     base: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> SweepSpec:
+        return self.model_copy(update=changes)
 
 
 @dataclass(frozen=True)
@@ -115,23 +149,37 @@ def load_spec(source: str | Path, scale: str = "digits") -> SweepSpec:
         raise ConfigError(f"sweep spec {str(source)!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError("a sweep spec is a mapping with base, overrides and grid")
-    unknown = set(raw) - {"name", "base", "overrides", "grid", "paper"}
-    if unknown:
-        raise ConfigError(f"unknown sweep spec keys {sorted(unknown)}; allowed: name, base, "
-                          "overrides, grid, paper")
-    if scale == "paper":
-        paper = raw.get("paper")
-        if not isinstance(paper, dict):
-            raise ConfigError(f"sweep {default_name!r} has no paper-scale section")
-        raw = {**raw, **paper, "overrides": {**raw.get("overrides", {}),
-                                             **paper.get("overrides", {})}}
-    elif scale != "digits":
+    try:
+        spec = _SpecFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        hint = ""
+        if err["type"] == "extra_forbidden":
+            hint = did_you_mean(str(err["loc"][-1]), list(_SpecPart.model_fields)
+                                + ([] if len(err["loc"]) > 1 else ["paper"]))
+        raise ConfigError(f"sweep spec {str(source)!r}: {where}: "
+                          f"{err['msg'].removeprefix('Value error, ')}{hint}") from None
+    if scale not in ("digits", "paper"):
         raise ConfigError(f"unknown scale {scale!r}; allowed: digits, paper")
-    grid = raw.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError("sweep grid must map each key to a non-empty list of values")
-    return SweepSpec(name=str(raw.get("name", default_name)), base=str(raw.get("base",
-                     "digits")), overrides=dict(raw.get("overrides") or {}), grid=grid)
+    digits = SweepSpec(name=spec.name or default_name, base=spec.base or "digits",
+                       overrides=spec.overrides, grid=spec.grid)
+    paper = None if spec.paper is None else SweepSpec(
+        name=spec.paper.name or digits.name, base=spec.paper.base or digits.base,
+        overrides={**spec.overrides, **spec.paper.overrides},
+        grid={**spec.grid, **spec.paper.grid})
+    for variant, label in ((digits, "digits"), (paper, "paper")):
+        if variant is not None:  # every config key of both scales is checked now
+            try:
+                expand(variant)
+            except ConfigError as exc:
+                raise ConfigError(f"sweep spec {str(source)!r} ({label} scale): {exc}") \
+                    from None
+    if scale == "paper":
+        if paper is None:
+            raise ConfigError(f"sweep {default_name!r} has no paper-scale section")
+        return paper
+    return digits
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -209,16 +257,18 @@ def run_point(config: dict[str, Any], run_dir: str, threads: int | None = None,
     if threads:
         torch.set_num_threads(threads)
     cfg = build_config(config)
-    failure = Path(run_dir).parent.parent / "failures" / f"{Path(run_dir).name}.json"
+    path = Path(run_dir)
+    sweep = SweepDir(path.parent.parent)
     try:
-        summary = train_or_reuse(cfg, run_dir)
-        failure.unlink(missing_ok=True)
-        return summary
+        summary = train_or_reuse(cfg, path)
+        sweep.clear_failure(path.name)
+        return summary.model_dump()
     except RunInterrupted as exc:
         return {"status": "interrupted", "error": str(exc)}
     except Exception as exc:  # a failed run must not stop the sweep
         message = str(exc) if isinstance(exc, EscapelabError) else traceback.format_exc()
-        write_json(failure, {"status": "failed", "error": message})
+        with contextlib.suppress(EscapelabError):  # e.g. the disk is full
+            sweep.write_failure(path.name, message)
         return {"status": "failed", "error": message}
 
 
@@ -254,15 +304,15 @@ def run_local(tasks: list[tuple[Point, Path]], workers: int | None,
 
 
 def run_sweep(spec: SweepSpec, out: Path | str, *, backend: str = "local",
-              workers: int | None = None, slurm: dict[str, Any] | None = None,
+              workers: int | None = None, slurm: SlurmOptions | None = None,
               progress: Progress | None = None) -> dict[str, Any]:
     """Run every point not yet finished, then aggregate into runs.csv and table.csv."""
-    out = Path(out)
+    sweep = SweepDir(out)
     points = expand(spec)
     labels = [p.dirname for p in points]
     if len(set(labels)) != len(labels):
         raise ConfigError("two sweep points resolve to the same config")
-    write_json(out / "sweep.json", {
+    sweep.write_meta({
         "name": spec.name, "base": spec.base, "overrides": spec.overrides,
         "grid": spec.grid, "axes": list(spec.grid),
         "points": [{"run": p.dirname, "values": p.values} for p in points]})
@@ -270,8 +320,8 @@ def run_sweep(spec: SweepSpec, out: Path | str, *, backend: str = "local",
     from escapelab.train import finished_summary
 
     for p in points:
-        if finished_summary(p.config, out / "runs" / p.dirname) is None:
-            tasks.append((p, out / "runs" / p.dirname))
+        if finished_summary(p.config, sweep.run_path(p.dirname)) is None:
+            tasks.append((p, sweep.run_path(p.dirname)))
     skipped = len(points) - len(tasks)
     if tasks:
         if backend == "local":
@@ -279,7 +329,7 @@ def run_sweep(spec: SweepSpec, out: Path | str, *, backend: str = "local",
         elif backend == "slurm":
             from escapelab.cluster import run_slurm
 
-            run_slurm(tasks, out, slurm or {}, progress)
+            run_slurm(tasks, sweep, slurm or SlurmOptions(), progress)
         else:
             raise ConfigError(f"unknown backend {backend!r}; allowed: local, slurm")
     table = aggregate(out)
@@ -319,19 +369,25 @@ def phase(summary: dict[str, Any], margin: float = PHASE_MARGIN) -> str:
 
 def aggregate(out: Path | str) -> list[dict[str, Any]]:
     """Write ``runs.csv`` (one row per run) and ``table.csv`` (mean/std over seeds)."""
-    out = Path(out)
-    meta = read_json(out / "sweep.json")
+    sweep = SweepDir(out)
+    meta = sweep.meta()
     axes: list[str] = meta["axes"]
     rows = []
     for point in meta["points"]:
-        run = RunDir(out / "runs" / point["run"])
-        failure = out / "failures" / f"{point['run']}.json"
-        if run.finished:
-            summary = run.read_json("summary.json")
-        elif failure.exists():
-            summary = read_json(failure)
+        run = sweep.run(point["run"])
+        finished = run.summary()
+        failure = sweep.failure(point["run"])
+        if finished is not None:
+            summary = finished.model_dump()
+        elif failure is not None:
+            summary = failure
+        elif run.path.is_dir():  # unfinished: running, dead, interrupted, failed
+            state = run.status()
+            text = run.state_text()
+            summary = {"status": "dead" if text.startswith("dead") else
+                       state.status if state else "missing", "error": text}
         else:
-            summary = {"status": run.status().get("status", "missing")}
+            summary = {"status": "missing"}
         if summary.get("teacher_probe_acc") is not None and summary.get("min_probe_acc") \
                 is not None:
             summary["collapse_depth"] = summary["teacher_probe_acc"] - summary["min_probe_acc"]
@@ -341,7 +397,6 @@ def aggregate(out: Path | str) -> list[dict[str, Any]]:
         row["error"] = (summary.get("error") or "").strip().splitlines()[-1:] or [""]
         row["error"] = row["error"][0]
         rows.append(row)
-    _write_csv(out / "runs.csv", rows)
     group_axes = [a for a in axes if a != "seed"]
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
@@ -360,17 +415,16 @@ def aggregate(out: Path | str) -> list[dict[str, Any]]:
             entry[f"{key}_std"] = float(np.std(nums)) if len(nums) > 1 else (0.0 if nums
                                                                                else None)
         table.append(entry)
-    _write_csv(out / "table.csv", table)
+    sweep.write_tables(_csv_text(rows), _csv_text(table))
     return table
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def _csv_text(rows: list[dict[str, Any]]) -> str:
     if not rows:
-        atomic_write_text(path, "")
-        return
+        return ""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: "" if v is None else v for k, v in r.items()})
-    atomic_write_text(path, buffer.getvalue())
+    return buffer.getvalue()

@@ -8,142 +8,58 @@ step 0 is the student's initialization.
 
 A non-finite loss or gradient stops the run before the update is applied: the run
 ends as ``diverged`` with every record, the last finite weights (as checkpoint S) and a
-summary. SIGINT/SIGTERM stop the run cleanly after the current step with a resumable
-checkpoint and no summary (``escapelab run --resume DIR`` continues it).
+summary. SIGINT/SIGTERM stop the run after the current step with a resumable
+checkpoint and no summary (``escapelab run --resume DIR`` continues it); during
+start-up they stop it at once. A resumable checkpoint is also written every
+``checkpoint.every`` steps and every ``checkpoint.every_minutes``.
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from escapelab.config import Config, Derived, derive, dump_yaml
+from escapelab.config import Config, Derived, config_to_dict, derive
 from escapelab.data import Dataset, load_dataset
-from escapelab.errors import EscapelabError, RunDirError
+from escapelab.errors import RunDirError, RunInterrupted
 from escapelab.init import distance, make_teacher_student, offset_stats
 from escapelab.losses import LossFn, make_loss
 from escapelab.models import EscapeNet, build_model
 from escapelab.probe import Evaluator, extract
+from escapelab.recorder import NullRecorder, Recorder
+from escapelab.runtime import (
+    Ranks,
+    StopSignals,
+    denormals_flushed,
+    init_ranks,
+    joined,
+    setup_torch,
+)
 from escapelab.schedules import lr_at
-from escapelab.store import EVALS_FILE, STEPS_FILE, RunDir, environment
+from escapelab.store import (
+    RESUME_CHECKPOINT,
+    RunDir,
+    Summary,
+    config_changes,
+    environment,
+)
 
 Progress = Callable[[int, int, dict[str, Any]], None]
+SINGLE = Ranks()  # one process, no torchrun
 
-
-class RunInterrupted(EscapelabError):
-    """The run was stopped by a signal; it can be resumed."""
+__all__ = ["train", "resume", "train_or_reuse", "finished_summary", "build", "Setup",
+           "RunInterrupted", "accumulate_gradient", "BatchSampler"]
 
 
 # ---------------------------------------------------------------------------------------
 # Small helpers of the loop
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torch.distributed job (rank 0 of 1 when alone)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        """What torchrun's environment says, before joining the process group."""
-        import os
-
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def init_ranks(device: torch.device) -> Ranks:
-    """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on the CPU,
-    NCCL on GPUs. Each rank computes the gradient of its shard of every batch."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size())
-
-
-@contextmanager
-def joined(ranks: Ranks) -> Iterator[None]:
-    """Leave torchrun's process group cleanly at the end of a run: the ranks meet at a
-    barrier (rank 0 finishes its writing first), then every rank destroys the group.
-    A rank that exits while its peers still hold gloo connections can be aborted by
-    gloo's background threads. On an exception the group is destroyed without waiting."""
-    if ranks.world == 1:
-        yield
-        return
-    import torch.distributed as dist
-
-    try:
-        yield
-    except BaseException:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        raise
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def resolve_device(name: str) -> torch.device:
-    import os
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun rank
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EscapelabError(f"device={name} requested but no CUDA device is available "
-                             "(use device=cpu or device=auto)")
-    return device
-
-
-def flushing_denormals() -> bool:
-    """Whether the CPU currently flushes denormal floats to zero (there is no getter)."""
-    tiny = torch.tensor([1e-40], dtype=torch.float32)
-    return float((tiny * 1.0)[0]) == 0.0
-
-
-@contextmanager
-def denormals_flushed(enabled: bool) -> Iterator[None]:
-    """Flush denormals to zero inside the block only (a process-wide CPU flag)."""
-    if not enabled:
-        yield
-        return
-    before = flushing_denormals()
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(before)
-
-
-def setup_torch(cfg: Config) -> torch.device:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return resolve_device(cfg.device)
 
 
 class BatchSampler:
@@ -189,7 +105,7 @@ class BatchSampler:
 
 def accumulate_gradient(model: EscapeNet, x: Tensor, idx: Tensor, targets: Tensor | None,
                         teacher: EscapeNet, loss_fn: LossFn, micro_batch: int,
-                        ranks: Ranks = Ranks()) -> Tensor:
+                        ranks: Ranks = SINGLE) -> Tensor:
     """Leave in ``.grad`` the mean gradient of the loss over the batch ``x[idx]``.
 
     Micro-batches are weighted by their share of the batch, so the result equals the
@@ -243,6 +159,27 @@ class Tracker:
     collapse_step: int | None = None
     collapse_score: float | None = None  # lower is "more collapsed"
     wall_before: float = 0.0  # seconds spent in earlier (resumed) processes
+    started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
+
+    def elapsed(self) -> float:
+        return self.wall_before + time.perf_counter() - self.started
+
+    def saw_loss(self, step: int, loss: float, threshold: float) -> None:
+        if self.escape_step is None and loss > threshold:
+            self.escape_step = step
+
+    def is_new_collapse(self, step: int, record: dict[str, Any] | None, criterion: str) -> bool:
+        """Whether the evaluation at `step` is the most collapsed one after the escape."""
+        score = collapse_score(criterion, record) if record is not None else None
+        if (self.escape_step is None or step < self.escape_step or score is None
+                or (self.collapse_score is not None and score >= self.collapse_score)):
+            return False
+        self.collapse_step, self.collapse_score = step, score
+        return True
+
+    def saved(self) -> dict[str, Any]:
+        return {"escape_step": self.escape_step, "collapse_step": self.collapse_step,
+                "collapse_score": self.collapse_score, "wall_before": self.elapsed()}
 
 
 def collapse_score(criterion: str, record: dict[str, Any]) -> float | None:
@@ -254,29 +191,47 @@ def collapse_score(criterion: str, record: dict[str, Any]) -> float | None:
     return -value if criterion == "max_loss" else value
 
 
-@contextmanager
-def stop_requests() -> Iterator[dict[str, bool]]:
-    """Turn the first SIGINT/SIGTERM into a flag the loop checks between steps."""
-    flag = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the config: the student, the optimizer's
+    momentum, the batch order and the tracker. Packed into the resumable checkpoint
+    (tensors + JSON metadata) and unpacked from it, here and nowhere else."""
 
-    def handler(signum: int, frame: Any) -> None:
-        if flag["stop"]:  # second signal: stop hard
-            raise KeyboardInterrupt
-        flag["stop"] = True
+    step: int
+    tracker: Tracker
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    def pack(self, student: EscapeNet, sampler: BatchSampler,
+             optimizer: torch.optim.Optimizer, cfg: Config, records: dict[str, int],
+             ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {f"student.{k}": v for k, v in student.state_dict().items()}
+        tensors.update(sampler.state())
+        for i, p in enumerate(optimizer.param_groups[0]["params"]):
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"momentum.{i}"] = buf
+        meta = {"step": self.step, "kind": "resume", "tracker": self.tracker.saved(),
+                "config": config_to_dict(cfg), "records": records}
+        return tensors, meta
+
+    @classmethod
+    def unpack(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> TrainState:
+        known = {"escape_step", "collapse_step", "collapse_score", "wall_before"}
+        tracker = Tracker(**{k: v for k, v in meta["tracker"].items() if k in known})
+        return cls(step=int(meta["step"]), tracker=tracker)
+
+    @staticmethod
+    def restore(tensors: dict[str, Tensor], student: EscapeNet, sampler: BatchSampler,
+                optimizer: torch.optim.Optimizer) -> None:
+        student.load_state_dict({k[len("student."):]: v for k, v in tensors.items()
+                                 if k.startswith("student.")})
+        sampler.load(tensors)
+        for i, p in enumerate(optimizer.param_groups[0]["params"]):
+            if f"momentum.{i}" in tensors:
+                optimizer.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(p)
 
 
 # ---------------------------------------------------------------------------------------
-# The run
+# Building a run
 
 
 @dataclass
@@ -298,7 +253,7 @@ class Setup:
 
 def build(cfg: Config) -> Setup:
     """Data, teacher, student, loss and evaluator for `cfg` (no training)."""
-    device = setup_torch(cfg)
+    device = setup_torch(cfg.train.threads, cfg.train.deterministic, cfg.device)
     ranks = init_ranks(device)
     dtype = getattr(torch, cfg.dtype)
     data_cpu = load_dataset(cfg.data)
@@ -325,299 +280,381 @@ def build(cfg: Config) -> Setup:
                  device, ranks)
 
 
+# ---------------------------------------------------------------------------------------
+# Starting, resuming, reusing
+
+
 def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
-          progress: Progress | None = None) -> dict[str, Any]:
+          progress: Progress | None = None) -> Summary:
     """Run the escape experiment described by `cfg` into the run directory `out`.
 
     Returns the summary (also written to ``out/summary.json``). Raises
-    :class:`RunInterrupted` if stopped by a signal (the run can be resumed).
+    :class:`RunInterrupted` if stopped by a signal (its folder says whether it can be
+    resumed), :class:`RunDirError` if `out` is in the way, locked or unwritable.
     """
-    if Ranks.from_env().main:
-        RunDir.ensure_free(out, overwrite)
-    setup = build(cfg)  # before anything is written: a bad set-up leaves no run behind
-    with joined(setup.ranks):
-        return _start(cfg, out, setup, overwrite, progress)
+    main = Ranks.from_env().main
+    signals = StopSignals()
+    with signals.installed():
+        run = _prepare(cfg, out, overwrite) if main else None
+        try:
+            setup = build(cfg)
+        except RunInterrupted as exc:
+            if run is not None:
+                run.stopped(exc)
+            raise
+        except BaseException:
+            if run is not None:
+                run.undo()
+            raise
+        with joined(setup.ranks):
+            if run is None:
+                return _loop(NullRecorder(setup.derived.total_steps), setup,
+                             TrainState(0, Tracker()), signals, None)
+            if not run.created:
+                run.fresh.reset()  # --overwrite: the old run goes only now
+            recorder = Recorder(run.fresh, setup.derived.total_steps, setup.evaluator)
+            with _failures_recorded(recorder):
+                _write_start(recorder, setup)
+                return _loop(recorder, setup, TrainState(0, Tracker()), signals, progress)
 
 
-def _start(cfg: Config, out: Path | str, setup: Setup, overwrite: bool,
-           progress: Progress | None) -> dict[str, Any]:
-    if not setup.ranks.main:  # under torch.distributed only rank 0 writes
-        return _loop(RunDir(out), setup, start=0, tracker=Tracker(), progress=None)
-    run = RunDir.create(out, overwrite=overwrite)
-    run.write_text("config.yaml", dump_yaml(cfg))
-    run.write_json("derived.json", setup.derived.model_dump(mode="json"))
-    run.write_json("environment.json", environment(setup.device))
-    run.write_json("init.json", offset_stats(setup.teacher, setup.student, setup.template,
-                                             cfg.init, setup.derived.student_seed))
-    teacher_record = {"model": "teacher", "step": 0, **setup.evaluator(setup.teacher)}
-    run.append_jsonl(EVALS_FILE, [teacher_record])
-    run.save_checkpoint("T", setup.teacher.state_dict(),
+@dataclass
+class _Prepared:
+    """A locked run directory before the build: `created` if it was made just now."""
+
+    fresh: RunDir
+    created: bool
+
+    def undo(self) -> None:
+        """A failed build leaves nothing behind in a folder made for it (and an old run
+        that --overwrite would have replaced untouched)."""
+        if self.created:
+            self.fresh.remove()
+        else:
+            self.fresh.release()
+
+    def stopped(self, exc: RunInterrupted) -> None:
+        """A signal during start-up: say so in a folder made for this run."""
+        if self.created:
+            self.fresh.set_status("interrupted", reason=f"{exc} during start-up; nothing "
+                                  "was computed: start it again with --overwrite")
+        self.fresh.release()
+
+
+def _prepare(cfg: Config, out: Path | str, overwrite: bool) -> _Prepared:
+    """Lock the run directory and, if new, mark it `starting`, before the (possibly
+    long) build: a second writer is refused and a signal leaves an honest status."""
+    RunDir.check_free(out, overwrite)  # also: writable, before data and model are built
+    created = RunDir(out).is_empty()
+    run = RunDir.create(out) if created else RunDir.open(out).acquire()
+    if created:
+        run.write_config(cfg)
+        run.set_status("starting")
+    return _Prepared(run, created)
+
+
+def _write_start(recorder: Recorder, s: Setup) -> None:
+    """config, derived values, environment, offset, the teacher's evaluation and T."""
+    run, cfg = recorder.run, s.cfg
+    run.write_start(cfg, s.derived, environment(s.device),
+                    offset_stats(s.teacher, s.student, s.template, cfg.init,
+                                 s.derived.student_seed))
+    teacher_record = {"model": "teacher", "step": 0, **s.evaluator(s.teacher)}
+    recorder.log_eval(teacher_record)
+    recorder.checkpoint("T", s.teacher.state_dict(),
                         {"step": None, "kind": "teacher", "arch": cfg.model.name,
                          "metrics": teacher_record})
-    return _loop(run, setup, start=0, tracker=Tracker(), progress=progress)
 
 
-def finished_summary(cfg: Config, out: Path | str) -> dict[str, Any] | None:
+class _failures_recorded:
+    """On any error but a signal (handled in the loop), mark the run `failed` in
+    status.json where the disk still allows, saying whether it can be resumed."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        run = self.recorder.run
+        try:
+            if exc is None or run.finished:
+                return
+            resumable = run.has_checkpoint(RESUME_CHECKPOINT)
+            step = run.load_checkpoint(RESUME_CHECKPOINT)[1]["step"] if resumable else 0
+            if isinstance(exc, RunInterrupted | KeyboardInterrupt):
+                current = run.status()
+                if current is None or current.status != "interrupted":
+                    run.set_status("interrupted", step=step, resumable=resumable,
+                                   total_steps=self.recorder.total_steps,
+                                   reason=str(exc) or "interrupted")
+            else:
+                run.set_status("failed", step=step, resumable=resumable,
+                               total_steps=self.recorder.total_steps,
+                               reason=f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: S110 - the disk may be full: the first error is the one
+            pass
+        finally:
+            run.release()
+
+
+def finished_summary(cfg: Config, out: Path | str) -> Summary | None:
     """The summary of a finished run of exactly `cfg` in `out`, or None (absent,
     unfinished, or another config): lets sweeps skip work already done."""
     run = RunDir(out)
-    if not run.finished or not (run.path / "config.yaml").is_file():
+    if not run.finished or not run.matches(cfg):
         return None
-    if (run.path / "config.yaml").read_text() != dump_yaml(cfg):
-        return None
-    summary: dict[str, Any] = run.read_json("summary.json")
-    return summary
+    return run.summary()
 
 
 def train_or_reuse(cfg: Config, out: Path | str, progress: Progress | None = None,
-                   ) -> dict[str, Any]:
+                   ) -> Summary:
     """The summary of a run of exactly `cfg` in `out`: reused if finished, resumed if
     interrupted, otherwise trained anew (replacing whatever run is there)."""
     summary = finished_summary(cfg, out)
     if summary is not None:
         return summary
     run = RunDir(out)
-    same = ((run.path / "config.yaml").is_file()
-            and (run.path / "config.yaml").read_text() == dump_yaml(cfg))
-    if same and run.checkpoint_path("last").exists():
+    if run.matches(cfg) and run.has_checkpoint(RESUME_CHECKPOINT):
         return resume(out, progress)
     return train(cfg, out, overwrite=True, progress=progress)
 
 
-def resume(out: Path | str, progress: Progress | None = None) -> dict[str, Any]:
-    """Continue an interrupted run from its last resumable checkpoint."""
-    from escapelab.config import load_config
-
+def resume(out: Path | str, progress: Progress | None = None) -> Summary:
+    """Continue an interrupted run from its last resumable checkpoint, after proving
+    that its config is the one the run started with."""
     run = RunDir.open(out)
+    main = Ranks.from_env().main
+    signals = StopSignals()
+    with signals.installed():
+        if main:
+            run.acquire()  # refuses a run another process is writing
+        try:
+            cfg, tensors, state = _resumable(run)
+            setup = build(cfg)
+        except BaseException:
+            run.release()
+            raise
+        with joined(setup.ranks):
+            if not main:
+                return _loop(NullRecorder(setup.derived.total_steps), setup, state, signals,
+                             None, tensors)
+            recorder = Recorder(run, setup.derived.total_steps, setup.evaluator)
+            with _failures_recorded(recorder):
+                if run.derived() != setup.derived:
+                    raise RunDirError(f"{run.path}: the data no longer give the same derived "
+                                      "values as when the run started; cannot resume")
+                _rewind(run, state.step, tensors)
+                return _loop(recorder, setup, state, signals, progress, tensors)
+
+
+def _resumable(run: RunDir) -> tuple[Config, dict[str, Tensor], TrainState]:
     if run.finished:
-        raise RunDirError(f"{run.path} already finished ({run.status().get('status')}); "
-                          "nothing to resume")
-    if not run.checkpoint_path("last").exists():
+        raise RunDirError(f"{run.path} already finished ({run.state_text()}); nothing to "
+                          "resume")
+    if not run.has_checkpoint(RESUME_CHECKPOINT):
         raise RunDirError(f"{run.path} has no resumable checkpoint (it stopped before the "
                           "first one); start it again with --overwrite")
-    cfg = load_config(run.path / "config.yaml")
-    setup = build(cfg)
-    saved = run.read_json("derived.json")
-    if saved != setup.derived.model_dump(mode="json"):
-        raise RunDirError(f"{run.path}: the data or config no longer give the same derived "
-                          "values as when the run started; cannot resume")
-    tensors, meta = run.load_checkpoint("last")
-    step = int(meta["step"])
-    setup.student.load_state_dict({k[len("student."):]: v for k, v in tensors.items()
-                                   if k.startswith("student.")})
-    if setup.ranks.main:  # records after the checkpoint are recomputed
-        run.truncate_jsonl(STEPS_FILE, lambda r: r["step"] <= step)
-        run.truncate_jsonl(EVALS_FILE, lambda r: r["model"] == "teacher" or r["step"] <= step)
-    tracker = Tracker(**meta["tracker"])
-    with joined(setup.ranks):
-        return _loop(run, setup, start=step, tracker=tracker, progress=progress,
-                     state=tensors)
+    cfg = run.config()
+    tensors, meta = run.load_checkpoint(RESUME_CHECKPOINT)
+    from escapelab.config import config_digest
+
+    if config_digest(cfg) != run.derived().config_sha256:
+        started = meta.get("config")
+        changes = config_changes(started, config_to_dict(cfg)) if started else []
+        raise RunDirError(f"{run.path / 'config.yaml'} was edited since the run started"
+                          + (f" ({'; '.join(changes)})" if changes else "")
+                          + "; resume continues the same run only: restore it, or start a "
+                          "new run with the new values")
+    return cfg, tensors, TrainState.unpack(tensors, meta)
 
 
-def _loop(run: RunDir, s: Setup, *, start: int, tracker: Tracker, progress: Progress | None,
-          state: dict[str, Tensor] | None = None) -> dict[str, Any]:
-    cfg, d = s.cfg, s.derived
-    student, teacher = s.student, s.teacher
+def _rewind(run: RunDir, step: int, tensors: dict[str, Tensor]) -> None:
+    """Records after the checkpoint are recomputed; those before it must all be there."""
+    _, meta = run.load_checkpoint(RESUME_CHECKPOINT)
+    kept = run.rewind(step)
+    expected = meta.get("records") or {}
+    for name, count in zip(("steps", "evals"), kept.values(), strict=True):
+        if name in expected and count < expected[name]:
+            import warnings
+
+            from escapelab.store import RunDirWarning
+
+            warnings.warn(f"{run.path}: {expected[name] - count} {name} record(s) up to step "
+                          f"{step} were lost to damage (see the .damaged file)",
+                          RunDirWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def _loop(rec: Recorder, s: Setup, state: TrainState, signals: StopSignals,
+          progress: Progress | None, saved: dict[str, Tensor] | None = None) -> Summary:
+    cfg, plan, student, tracker = s.cfg, s.derived, s.student, state.tracker
     student.train()
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.optim.lr,
                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
                                 weight_decay=cfg.optim.weight_decay)
-    sampler = BatchSampler(d.n_train, d.batch_size, d.data_seed, s.device,
+    sampler = BatchSampler(plan.n_train, plan.batch_size, plan.data_seed, s.device,
                            fixed=cfg.data.sampling == "fixed")
-    if state is not None:
-        sampler.load(state)
-        for group in optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                if f"momentum.{i}" in state:
-                    optimizer.state[p]["momentum_buffer"] = state[f"momentum.{i}"].to(p)
-    eval_steps = set(d.eval_steps)
-    extra_saves = set(cfg.checkpoint.steps)
-    main = s.ranks.main  # under torch.distributed, rank 0 evaluates and writes
-    pending: list[dict[str, Any]] = []  # step records not yet on disk
-    t0 = time.perf_counter()
-    last_probe: float | None = None
-
-    def elapsed() -> float:
-        return tracker.wall_before + time.perf_counter() - t0
-
-    def flush() -> None:
-        if not main:
-            pending.clear()
-        if pending:
-            dists = torch.stack([r["dist_teacher"] for r in pending]).tolist()
-            for r, dist in zip(pending, dists, strict=True):
-                r["dist_teacher"] = dist
-            run.append_jsonl(STEPS_FILE, pending)
-            pending.clear()
-
-    def evaluate(step: int) -> dict[str, Any]:
-        nonlocal last_probe
-        if not main:
-            return {}
-        record = {"model": "student", "step": step, **s.evaluator(student),
-                  "wall_s": elapsed()}
-        run.append_jsonl(EVALS_FILE, [record])
-        last_probe = record["probe_acc"]
-        score = collapse_score(cfg.checkpoint.collapse, record)
-        if (tracker.escape_step is not None and step >= tracker.escape_step
-                and score is not None
-                and (tracker.collapse_score is None or score < tracker.collapse_score)):
-            tracker.collapse_step, tracker.collapse_score = step, score
-            save_student("C", step, "collapse", record)
-        return record
-
-    def save_student(name: str, step: int, kind: str, record: dict[str, Any] | None) -> None:
-        if main:
-            run.save_checkpoint(name, student.state_dict(),
-                                {"step": step, "kind": kind, "arch": cfg.model.name,
-                                 "metrics": record})
-
-    def set_status(status: str, **fields: Any) -> None:
-        if main:
-            run.set_status(status, total_steps=d.total_steps, **fields)
-
-    def save_resumable(step: int) -> None:
-        flush()
-        if not main:
-            return
-        tensors = {f"student.{k}": v for k, v in student.state_dict().items()}
-        tensors.update(sampler.state())
-        for i, p in enumerate(optimizer.param_groups[0]["params"]):
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"momentum.{i}"] = buf
-        snapshot = Tracker(**{**asdict(tracker), "wall_before": elapsed()})
-        run.save_checkpoint("last", tensors, {"step": step, "kind": "resume",
-                                              "tracker": asdict(snapshot)})
-        set_status("running", step=step)
-
-    def stop_now(flag: bool) -> bool:
-        if s.ranks.world == 1:
-            return flag
-        import torch.distributed as dist
-
-        agreed = torch.tensor([float(flag)], device=s.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        return bool(agreed.item())
-
-    set_status("running", step=start)
-    if start == 0:
-        if 0 in eval_steps:
-            evaluate(0)
-        if 0 in extra_saves:
-            save_student("step_0", 0, "step", None)
-
-    status, reason, step_done = "completed", None, start
-    params = list(student.parameters())
-    with stop_requests() as stop, denormals_flushed(cfg.train.flush_denormal):
-        for step in range(start + 1, d.total_steps + 1):
-            if stop_now(stop["stop"]):
-                save_resumable(step_done)
-                set_status("interrupted", step=step_done)
-                raise RunInterrupted(f"interrupted after step {step_done} of "
-                                     f"{d.total_steps}; resume with: escapelab run "
-                                     f"--resume {run.path}")
-            lr = lr_at(step, d.total_steps, cfg.optim.lr, cfg.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = sampler.next()
-            loss_t = accumulate_gradient(student, s.data.x_train, idx, s.targets, teacher,
-                                         s.loss_fn, d.micro_batch_size, s.ranks)
-            gnorm_t = grad_norm(student)
-            loss, gnorm = torch.stack([loss_t.double(), gnorm_t]).tolist()
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
-                status, reason = "diverged", f"non-finite {what} at step {step}"
-            elif cfg.train.max_loss is not None and loss > cfg.train.max_loss:
-                status, reason = "capped", f"loss {loss:.3g} > train.max_loss at step {step}"
-            else:  # the update is applied only to finite, uncapped steps
-                if cfg.optim.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                optimizer.step()
-                step_done = step
-            pending.append({"step": step, "lr": lr, "loss": loss, "grad_norm": gnorm,
-                            "dist_teacher": distance(student, teacher)})
+    if saved is not None:
+        TrainState.restore(saved, student, sampler, optimizer)
+    evals, saves = set(plan.eval_steps), set(cfg.checkpoint.steps)
+    rec.status("running", step=state.step)
+    if state.step == 0:
+        _evaluate(rec, s, tracker, 0) if 0 in evals else None
+        _save_student(rec, s, "step_0", 0, "step", None) if 0 in saves else None
+    status, reason, done = "completed", None, state.step
+    last_save, probe = time.monotonic(), None
+    with signals.deferring(), denormals_flushed(cfg.train.flush_denormal):
+        for step in range(state.step + 1, plan.total_steps + 1):
+            if s.ranks.any(signals.received is not None, s.device):
+                break
+            lr = lr_at(step, plan.total_steps, cfg.optim.lr, cfg.schedule)
+            loss, gnorm = _sgd_step(s, optimizer, sampler.next(), lr)
+            status, reason = _check(loss, gnorm, step, cfg.train.max_loss)
+            if status == "completed":
+                done = step
+            rec.log_step({"step": step, "lr": lr, "loss": loss, "grad_norm": gnorm,
+                          "dist_teacher": distance(student, s.teacher)})
             if status != "completed":
                 break
-            if (tracker.escape_step is None and not cfg.loss.supervised
-                    and loss > cfg.train.escape_threshold):
-                tracker.escape_step = step
-            if len(pending) >= 200:
-                flush()
-            if step in eval_steps:
-                flush()
-                evaluate(step)
-            if step in extra_saves:
-                save_student(f"step_{step}", step, "step", None)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 \
-                    and step < d.total_steps:
-                save_resumable(step)
+            tracker.saw_loss(step, loss, math.inf if cfg.loss.supervised
+                             else cfg.train.escape_threshold)
+            if step in evals:
+                record = _evaluate(rec, s, tracker, step)
+                probe = record.get("probe_acc") if record else probe
+            if step in saves:
+                _save_student(rec, s, f"step_{step}", step, "step", None)
+            due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+                cfg.checkpoint.every_minutes
+                and time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes)
+            if s.ranks.any(bool(due), s.device) and step < plan.total_steps:
+                _save_resumable(rec, s, TrainState(step, tracker), sampler, optimizer)
+                last_save = time.monotonic()
             if progress is not None:
-                progress(step, d.total_steps, {"loss": loss, "grad_norm": gnorm, "lr": lr,
-                                               "probe_acc": last_probe})
-    flush()
-    if not main:
-        return {"status": status, "reason": reason, "rank": s.ranks.rank}
+                progress(step, plan.total_steps, {"loss": loss, "grad_norm": gnorm,
+                                                  "lr": lr, "probe_acc": probe})
+    rec.flush()
+    if signals.received is not None:  # stopped between steps, or during the last one
+        _save_resumable(rec, s, TrainState(done, tracker), sampler, optimizer)
+        rec.status("interrupted", step=done, resumable=True,
+                   reason=f"stopped by signal {signals.received}")
+        raise RunInterrupted(f"interrupted after step {done} of {plan.total_steps}; "
+                             f"resume with: escapelab run --resume {rec.path}",
+                             signals.received)
+    return _finish(rec, s, tracker, status, reason, done)
 
-    # The final state S: theta^(T), or the last finite weights of a diverged run.
-    evals = [r for r in run.read_jsonl(EVALS_FILE) if r["model"] == "student"]
-    final = next((r for r in evals if r["step"] == step_done), None)
+
+def _sgd_step(s: Setup, optimizer: torch.optim.Optimizer, idx: Tensor, lr: float,
+              ) -> tuple[float, float]:
+    """One plain SGD step on batch `idx` at step size `lr`; returns the loss and the
+    full gradient's norm at the weights before the update (applied only if finite)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_t = accumulate_gradient(s.student, s.data.x_train, idx, s.targets, s.teacher,
+                                 s.loss_fn, s.derived.micro_batch_size, s.ranks)
+    loss, gnorm = torch.stack([loss_t.double(), grad_norm(s.student)]).tolist()
+    if math.isfinite(loss) and math.isfinite(gnorm) and (
+            s.cfg.train.max_loss is None or loss <= s.cfg.train.max_loss):
+        if s.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(s.student.parameters(), s.cfg.optim.grad_clip)
+        optimizer.step()
+    return loss, gnorm
+
+
+def _check(loss: float, gnorm: float, step: int, cap: float | None) -> tuple[str, str | None]:
+    """The run's status after a step: completed (so far), diverged or capped."""
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        return "diverged", f"non-finite {what} at step {step}"
+    if cap is not None and loss > cap:
+        return "capped", f"loss {loss:.3g} > train.max_loss at step {step}"
+    return "completed", None
+
+
+def _evaluate(rec: Recorder, s: Setup, tracker: Tracker, step: int) -> dict[str, Any] | None:
+    """Probe the student; keep it as checkpoint C if it is the most collapsed so far."""
+    record = rec.evaluate(s.student, step, tracker.elapsed())
+    if tracker.is_new_collapse(step, record, s.cfg.checkpoint.collapse):
+        _save_student(rec, s, "C", step, "collapse", record)
+    return record
+
+
+def _save_student(rec: Recorder, s: Setup, name: str, step: int, kind: str,
+                  record: dict[str, Any] | None) -> None:
+    rec.checkpoint(name, s.student.state_dict(), {"step": step, "kind": kind,
+                                                  "arch": s.cfg.model.name, "metrics": record})
+
+
+def _save_resumable(rec: Recorder, s: Setup, state: TrainState, sampler: BatchSampler,
+                    optimizer: torch.optim.Optimizer) -> None:
+    tensors, meta = state.pack(s.student, sampler, optimizer, s.cfg, rec.records_written())
+    rec.checkpoint(RESUME_CHECKPOINT, tensors, meta)
+    rec.status("running", step=state.step, resumable=True)
+
+
+def _finish(rec: Recorder, s: Setup, tracker: Tracker, status: str, reason: str | None,
+            done: int) -> Summary:
+    """The final state S (theta^(T), or the last finite weights), the summary, and the
+    status; summary.json goes last: its presence marks a finished run."""
+    evals = [r for r in rec.evals() if r["model"] == "student"]
+    final = next((r for r in evals if r["step"] == done), None)
     if final is None:
-        final = evaluate(step_done)
-        evals.append(final)
-    save_student("S", step_done, {"completed": "final", "capped": "last_below_cap"}.get(
-        status, "last_finite"), final)
-    summary = summarize(run, s, evals, tracker, status, reason, step_done, elapsed())
-    run.checkpoint_path("last").unlink(missing_ok=True)
-    run.checkpoint_path("last").with_suffix(".json").unlink(missing_ok=True)
-    set_status(status, step=step_done, reason=reason)
-    run.write_json("summary.json", summary)  # last: its presence marks a finished run
+        final = rec.evaluate(s.student, done, tracker.elapsed())
+        evals += [final] if final else []
+    kind = {"completed": "final", "capped": "last_below_cap"}.get(status, "last_finite")
+    _save_student(rec, s, "S", done, kind, final)
+    if isinstance(rec, NullRecorder):
+        return Summary(status=status, reason=reason, steps_completed=done,  # type: ignore[arg-type]
+                       total_steps=s.derived.total_steps)
+    summary = summarize(rec.run, s, evals, tracker, status, reason, done)
+    rec.summary(summary)
+    rec.drop_checkpoint(RESUME_CHECKPOINT)
+    rec.status(status, step=done, reason=reason)  # type: ignore[arg-type]
     return summary
 
 
 def summarize(run: RunDir, s: Setup, evals: list[dict[str, Any]], tracker: Tracker,
-              status: str, reason: str | None, final_step: int, wall_s: float,
-              ) -> dict[str, Any]:
+              status: str, reason: str | None, final_step: int) -> Summary:
     """The run's headline numbers (accuracies are fractions in [0, 1])."""
-    teacher = next(r for r in run.read_jsonl(EVALS_FILE) if r["model"] == "teacher")
+    teacher = run.teacher_eval() or {}
     final = next(r for r in evals if r["step"] == final_step)
     probed = [r for r in evals if r.get("probe_acc") is not None]
-    lowest = min(probed, key=lambda r: (r["probe_acc"], r["step"])) if probed else None
-    collapse = next((r for r in evals if r["step"] == tracker.collapse_step), None)
-
-    def get(record: dict[str, Any] | None, key: str) -> Any:
-        return None if record is None else record.get(key)
-
+    lowest = min(probed, key=lambda r: (r["probe_acc"], r["step"])) if probed else {}
+    collapse = next((r for r in evals if r["step"] == tracker.collapse_step), {})
+    init = run.init()
     gain = (final["probe_acc"] - teacher["probe_acc"]
             if final.get("probe_acc") is not None and teacher.get("probe_acc") is not None
             else None)
-    init = run.read_json("init.json")
-    return {
-        "status": status,
-        "reason": reason,
-        "steps_completed": final_step,
-        "total_steps": s.derived.total_steps,
-        "teacher_probe_acc": teacher["probe_acc"],
-        "final_probe_acc": final["probe_acc"],
-        "gain": gain,
-        "min_probe_acc": get(lowest, "probe_acc"),
-        "min_probe_acc_step": get(lowest, "step"),
-        "teacher_knn_acc": teacher["knn_acc"],
-        "final_knn_acc": final["knn_acc"],
-        "escape_step": tracker.escape_step,
-        "collapse_step": tracker.collapse_step,
-        "collapse_criterion": s.cfg.checkpoint.collapse,
-        "probe_acc_collapse": get(collapse, "probe_acc"),
-        "erank_teacher": teacher["erank"],
-        "erank_collapse": get(collapse, "erank"),
-        "erank_final": final["erank"],
-        "dead_frac_teacher": teacher["dead_frac"],
-        "dead_frac_collapse": get(collapse, "dead_frac"),
-        "dead_frac_final": final["dead_frac"],
-        "loss_init": get(next((r for r in evals if r["step"] == 0), None), "loss"),
-        "loss_final": get(final, "loss"),
-        "offset_realized": init["offset_realized"],
-        "offset_ratio": init["offset_ratio"],
-        "changed_frac": init["changed_frac"],
-        "wall_s": wall_s,
-    }
+    return Summary(
+        status=status,  # type: ignore[arg-type]
+        reason=reason,
+        steps_completed=final_step,
+        total_steps=s.derived.total_steps,
+        teacher_probe_acc=teacher.get("probe_acc"),
+        final_probe_acc=final.get("probe_acc"),
+        gain=gain,
+        min_probe_acc=lowest.get("probe_acc"),
+        min_probe_acc_step=lowest.get("step"),
+        teacher_knn_acc=teacher.get("knn_acc"),
+        final_knn_acc=final.get("knn_acc"),
+        escape_step=tracker.escape_step,
+        collapse_step=tracker.collapse_step,
+        collapse_criterion=s.cfg.checkpoint.collapse,
+        probe_acc_collapse=collapse.get("probe_acc"),
+        erank_teacher=teacher.get("erank"),
+        erank_collapse=collapse.get("erank"),
+        erank_final=final.get("erank"),
+        dead_frac_teacher=teacher.get("dead_frac"),
+        dead_frac_collapse=collapse.get("dead_frac"),
+        dead_frac_final=final.get("dead_frac"),
+        loss_init=next((r for r in evals if r["step"] == 0), {}).get("loss"),
+        loss_final=final.get("loss"),
+        offset_realized=init.get("offset_realized"),
+        offset_ratio=init.get("offset_ratio"),
+        changed_frac=init.get("changed_frac"),
+        wall_s=tracker.elapsed(),
+    )

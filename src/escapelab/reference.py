@@ -1,0 +1,147 @@
+"""Plain float64 NumPy versions of escapelab's formulas: the readable references that
+the tests and benchmarks compare the fast routes against.
+
+Nothing here is used by escapelab itself. Each function is the textbook computation,
+written for clarity (full SVDs, explicit covariance matrices, ``numpy.linalg.pinv``,
+losses from their formulas), so that a reader can check the optimized code in
+:mod:`escapelab.metrics` and :mod:`escapelab.losses` against something obvious. They
+need O(d^2) memory or more: fine for tests, not for VGG-sized layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+EPS = float(np.finfo(np.float64).eps)
+
+
+# -- spectra (paper Sec. 3) ----------------------------------------------------------------
+
+
+def singular_values(x: Any, center: bool = False) -> np.ndarray:
+    """Singular values of X (n, d) by a full SVD, at the Gram route's documented
+    resolution: those below sqrt(max(n, d) eps) s_max count as zero."""
+    x = np.asarray(x, dtype=np.float64)
+    if center:
+        x = x - x.mean(axis=0)
+    s = np.linalg.svd(x, compute_uv=False)
+    if s.size:
+        s[s <= math.sqrt(max(x.shape) * EPS) * s[0]] = 0.0
+    return s
+
+
+def effective_rank(x: Any, center: bool = False) -> float:
+    """exp(entropy of s / sum s) (Roy & Vetterli); 0 for an all-zero X."""
+    s = singular_values(x, center)
+    if s.sum() == 0:
+        return 0.0
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def condition_number(x: Any, mass: float = 0.999, center: bool = False) -> float:
+    """s_max / s_k, k the first index whose cumulative share of sum s reaches `mass`."""
+    s = singular_values(x, center)
+    if s.sum() == 0:
+        return math.inf
+    cum = np.cumsum(s / s.sum())
+    k = int(np.argmax(cum >= mass)) if (cum >= mass).any() else len(s) - 1
+    return float(s[0] / s[k])
+
+
+# -- Fisher separability (paper Sec. 3, Fig. 3) --------------------------------------------
+
+
+def scatter_matrices(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Sigma_t, Sigma_b, Sigma_w), each normalized by 1/n, by their definitions."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y)
+    n, d = x.shape
+    mu = x.mean(axis=0)
+    total = (x - mu).T @ (x - mu) / n
+    between = np.zeros((d, d))
+    within = np.zeros((d, d))
+    for c in np.unique(y):
+        xc = x[y == c]
+        mc = xc.mean(axis=0)
+        between += len(xc) * np.outer(mc - mu, mc - mu) / n
+        within += (xc - mc).T @ (xc - mc) / n
+    return total, between, within
+
+
+def pinv_spectrum(x: Any, y: Any, rtol: float | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(eigenvalues, eigenvectors, Sigma_b in the same basis, absolute cut-off) of the
+    matrix whose pseudo-inverse defines the discriminant, as documented in
+    :func:`escapelab.metrics.fisher_separability`:
+
+    - d <= n: the unit-diagonal D^-1/2 Sigma_w D^-1/2 (D = diag Sigma_w), cut at
+      max(n, d) eps max_i(Sigma_t,ii / Sigma_w,ii) (or `rtol`) times its largest
+      eigenvalue;
+    - d > n: Sigma_w itself, cut at max(n, d) eps tr(Sigma_t) (or `rtol` times its
+      largest eigenvalue, if that is more).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    total, between, within = scatter_matrices(x, y)
+    if d <= n:
+        diag = np.diag(within).copy()
+        live = diag > 0
+        unit = np.where(live, 1.0 / np.sqrt(np.where(live, diag, 1.0)), 1.0)
+        within = within * np.outer(unit, unit)
+        between = between * np.outer(unit, unit)
+        ratio = max(1.0, float((np.diag(total)[live] / diag[live]).max())) \
+            if live.any() else 1.0
+        values, vectors = np.linalg.eigh(within)
+        top = float(values.max()) if values.size else 0.0
+        cut = top * max(rtol or 0.0, max(n, d) * EPS * ratio)
+    else:
+        values, vectors = np.linalg.eigh(within)
+        top = float(values.max()) if values.size else 0.0
+        cut = max((rtol or 0.0) * top, max(n, d) * EPS * float(np.trace(total)))
+    return values, vectors, between, cut
+
+
+def discriminant(x: Any, y: Any, rtol: float | None = None) -> tuple[float, int]:
+    """(tr(pinv(Sigma_w) Sigma_b), eigen-directions kept) from explicit covariance
+    matrices and an eigendecomposition (see :func:`pinv_spectrum` for the cut-off)."""
+    values, vectors, between, cut = pinv_spectrum(x, y, rtol)
+    keep = values > cut if values.size and values.max() > 0 else \
+        np.zeros_like(values, dtype=bool)
+    inv = vectors[:, keep] @ np.diag(1.0 / values[keep]) @ vectors[:, keep].T
+    return float(np.trace(inv @ between)), int(keep.sum())
+
+
+def fisher(x: Any, y: Any, rtol: float | None = None) -> dict[str, float]:
+    """The four separability figures plus the rank kept, by their definitions."""
+    total, between, within = scatter_matrices(x, y)
+    disc, rank = discriminant(x, y, rtol)
+    return {"tr_between": float(np.trace(between)), "tr_within": float(np.trace(within)),
+            "tr_total": float(np.trace(total)), "discriminant": disc,
+            "discriminant_rank": rank}
+
+
+# -- losses (paper Sec. 2 and App. A) -------------------------------------------------------
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+LOSSES = {
+    "mse": lambda s, t: float(np.mean((s - t) ** 2)),
+    "nmse": lambda s, t: float(np.mean((unit_rows(s) - unit_rows(t)) ** 2)),
+    "ndmse": lambda s, t: float(np.mean((unit_rows(s) - unit_rows(t)) ** 2)),
+    "dino": lambda s, t: float(-np.mean(np.sum(np.exp(log_softmax(t / 0.04))
+                                               * log_softmax(s / 0.1), axis=1))),
+}
+"""Escape losses of student outputs s and teacher outputs t (n, d), from their formulas
+(ndmse equals nmse in value; only its gradient differs)."""
