@@ -47,14 +47,35 @@ def test_same_seed_same_teacher_and_different_seed_differs(template):
     assert not torch.equal(a.head.weight, c.head.weight)
 
 
+def _he_draw(template, seed):
+    """theta_tilde written out by hand: one generator, the weights of every conv and
+    linear layer in module order, each N(0, 2 / fan_in) (He, fan_in, ReLU gain);
+    biases zero."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = []
+    for module in template.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            shape = module.weight.shape
+            fan_in = int(np.prod(shape[1:]))
+            weights.append(torch.randn(shape, generator=generator, dtype=torch.float64)
+                           * math.sqrt(2.0 / fan_in))
+    return weights
+
+
 def test_float64_realizes_the_intended_offset(template):
     cfg = InitConfig(sigma_eps=1e-10)
     teacher, student = make_teacher_student(template, cfg, 1, 2, torch.float64, "cpu")
-    # Independent reference: the offset should be sigma_eps times a fresh draw.
-    _, tilde_net = make_teacher_student(template, InitConfig(sigma_eps=0.0), 2, 3,
-                                        torch.float64, "cpu")
-    intended = 1e-10 * math.sqrt(sum(float(p.detach().pow(2).sum())
-                                     for p in tilde_net.parameters()))
+    # Independent reference: the offset is sigma_eps times a fresh He draw from the
+    # student's seed, drawn here without escapelab's init code.
+    tilde = _he_draw(template, 2)
+    teacher_weights = [m.weight for m in teacher.modules()
+                       if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    student_weights = [m.weight for m in student.modules()
+                       if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    for t, s_, d in zip(teacher_weights, student_weights, tilde, strict=True):
+        # (s - t) carries the rounding of s, half an ulp of |t| <= ~1: atol 1e-15.
+        torch.testing.assert_close(s_.detach() - t.detach(), 1e-10 * d, rtol=1e-6, atol=1e-15)
+    intended = 1e-10 * math.sqrt(sum(float(d.pow(2).sum()) for d in tilde))
     stats = offset_stats(teacher, student, template, cfg, 2)
     assert stats["offset_intended"] == pytest.approx(intended, rel=1e-12)
     assert stats["offset_ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -84,7 +105,6 @@ def test_float32_loses_most_of_a_tiny_offset(template):
 def test_rescale_preserves_variance(template):
     cfg = InitConfig(sigma_eps=0.5, rescale=True)
     teacher, student = make_teacher_student(template, cfg, 1, 2, torch.float64, "cpu")
-    _, tilde = make_teacher_student(template, InitConfig(sigma_eps=0.0), 2, 3, torch.float64,
-                                    "cpu")
-    expected = (teacher.head.weight + 0.5 * tilde.head.weight) / math.sqrt(1.25)
+    tilde = _he_draw(template, 2)[-1]  # the head is the last linear layer
+    expected = (teacher.head.weight + 0.5 * tilde) / math.sqrt(1.25)
     torch.testing.assert_close(student.head.weight.detach(), expected)

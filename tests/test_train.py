@@ -178,26 +178,40 @@ def test_momentum_state_survives_resume(tiny_config, tmp_path):
             == read_jsonl(tmp_path / "ref/metrics/steps.jsonl"))
 
 
-@pytest.mark.parametrize("overrides", [
-    {"loss.name": "mse", "optim.lr": 1.0},
-    {"loss.name": "ndmse", "schedule.name": "linear_warmup", "schedule.warmup_steps": 20},
-    {"loss.name": "dino", "optim.lr": 10, "schedule.name": "cosine_warmup",
-     "schedule.warmup_steps": 10},
-    {"loss.name": "onehot_mse", "optim.lr": 0.1, "data.batch_size": "full"},
-    {"model.name": "mlp", "model.batch_norm": False, "optim.weight_decay": 1e-4},
-    {"model.batch_norm": True, "data.micro_batch_size": 16},
-    {"schedule.name": "exponential", "schedule.start_lr": 1e-3, "optim.lr": 1e3},
-    {"train.steps": "null", "train.epochs": 2},
+@pytest.mark.parametrize(("overrides", "status"), [
+    ({"loss.name": "mse", "optim.lr": 1.0}, "completed"),
+    ({"loss.name": "mse", "optim.lr": 1e4}, "diverged"),
+    ({"loss.name": "ndmse", "schedule.name": "linear_warmup", "schedule.warmup_steps": 20},
+     "completed"),
+    ({"loss.name": "dino", "optim.lr": 10, "schedule.name": "cosine_warmup",
+      "schedule.warmup_steps": 10}, "completed"),
+    ({"loss.name": "onehot_mse", "optim.lr": 0.1, "data.batch_size": "full"}, "completed"),
+    ({"model.name": "mlp", "model.batch_norm": False, "optim.weight_decay": 1e-4,
+      "optim.lr": 1e3}, "completed"),
+    # eta * weight decay = 3: each step multiplies the weights by -2.
+    ({"model.name": "mlp", "optim.weight_decay": 1e-4, "optim.lr": 3e4}, "diverged"),
+    ({"model.batch_norm": True, "data.micro_batch_size": 16}, "completed"),
+    ({"schedule.name": "exponential", "schedule.start_lr": 1e-3, "optim.lr": 1e3},
+     "completed"),
+    ({"train.steps": "null", "train.epochs": 2}, "completed"),
+    ({"loss.name": "ce", "optim.lr": 1.0, "train.max_loss": 1e-3}, "capped"),
 ])
-def test_configurations_run_to_completion(tiny_config, tmp_path, overrides):
+def test_configurations_run_to_their_expected_end(tiny_config, tmp_path, overrides, status):
     summary = train(tiny_config(**overrides), tmp_path / "r")
-    assert summary["status"] in ("completed", "diverged")
+    assert summary.status == status, summary.reason
     steps = read_jsonl(tmp_path / "r/metrics/steps.jsonl")
-    assert len(steps) == summary["steps_completed"] + (summary["status"] == "diverged")
+    assert len(steps) == summary.steps_completed + (status != "completed")
+    if status == "completed":
+        assert all(np.isfinite([r["loss"] for r in steps]))
+        assert summary.steps_completed == summary.total_steps
+    if status == "diverged":
+        assert steps[-1]["loss"] is None or steps[-1]["grad_norm"] is None
+    if status == "capped":
+        assert steps[-1]["loss"] > 1e-3 and summary.steps_completed == steps[-1]["step"] - 1
     if overrides.get("schedule.name") == "exponential":
         assert steps[0]["lr"] == pytest.approx(1e-3) and steps[-1]["lr"] == pytest.approx(1e3)
     if "train.epochs" in overrides:
-        assert summary["total_steps"] == 2 * (240 // 32)
+        assert summary.total_steps == 2 * (240 // 32)
 
 
 def test_float64_run_realizes_the_offset(tiny_config, tmp_path):

@@ -241,7 +241,9 @@ def sweep(spec: str | None, preset: str | None, scale: str, base: str | None,
     click.echo(f"{result['points']} points: {result['ran']} run, {result['skipped']} "
                "already finished")
     _print_sweep_table(result["table"], list(loaded.grid))
-    click.echo(f"wrote {out / 'runs.csv'} and {out / 'table.csv'}")
+    from escapelab.store import SweepDir
+
+    click.echo("wrote " + " and ".join(str(p) for p in SweepDir(out).tables().values()))
 
 
 def _print_sweep_table(table: list[dict[str, Any]], axes: list[str]) -> None:

@@ -33,6 +33,29 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = WIDTH,
     return fig, axes
 
 
+def drawable(fig: Figure) -> Figure:
+    """Turn back to linear every log axis that has no positive value to show (e.g. a
+    one-step run whose loss is exactly 0 at the teacher): matplotlib cannot draw it."""
+    for ax in fig.axes:
+        for axis, scale in (("y", ax.get_yscale()), ("x", ax.get_xscale())):
+            if scale != "log":
+                continue
+            values = []
+            for line in ax.get_lines():
+                data = line.get_ydata() if axis == "y" else line.get_xdata()
+                values.extend(np.asarray(data, dtype=float).ravel().tolist())
+            for coll in ax.collections:
+                offsets = np.asarray(coll.get_offsets(), dtype=float)
+                if offsets.size:
+                    values.extend(offsets[:, 1 if axis == "y" else 0].tolist())
+            if not any(math.isfinite(v) and v > 0 for v in values):
+                (ax.set_yscale if axis == "y" else ax.set_xscale)("linear")
+                label = ax.get_ylabel() if axis == "y" else ax.get_xlabel()
+                (ax.set_ylabel if axis == "y" else ax.set_xlabel)(
+                    label.replace(" (log)", "") + " (nothing > 0 to show on a log scale)")
+    return fig
+
+
 def _colors(n: int, cmap: str = "viridis") -> list[Any]:
     from matplotlib import colormaps
 
@@ -98,7 +121,7 @@ def lr_range_figure(payload: dict[str, Any]) -> Figure:
     ax.set_title("LR range test: escape vs supervised (Fig. 1a)")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return fig
+    return drawable(fig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,7 +151,7 @@ def loss_grad_figure(series: dict[str, list[dict[str, Any]]],
     ax_loss.set_title("Training loss (Fig. 1b)")
     ax_grad.set_title("Gradient norm (Fig. 1b)")
     ax_loss.legend(fontsize=8)
-    return fig
+    return drawable(fig)
 
 
 def probe_over_steps_figure(series: dict[str, tuple[list[int], list[float | None]]],
@@ -153,7 +176,7 @@ def probe_over_steps_figure(series: dict[str, tuple[list[int], list[float | None
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return fig
+    return drawable(fig)
 
 
 def eval_series_figure(evals: list[dict[str, Any]], teacher: dict[str, Any] | None,
@@ -175,7 +198,7 @@ def eval_series_figure(evals: list[dict[str, Any]], teacher: dict[str, Any] | No
         _steps_axis(ax)
         ax.set_ylabel(label + (" (%)" if pct else "") + (" (log)" if log else ""))
         ax.legend(fontsize=8)
-    return fig
+    return drawable(fig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,7 +228,7 @@ def layer_figure(layers: list[str], values: dict[str, list[Any]], title: str, yl
     ax.set_title(title)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return fig
+    return drawable(fig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,4 +276,4 @@ def loss_warmup_figure(cells: dict[str, dict[str, dict[str, Any]]]) -> Figure:
         bottom.set_ylabel("linear probe accuracy (%)")
         top.legend(fontsize=8)
     fig.suptitle("Stabilizing huge step sizes: loss x warm-up (Fig. 4)")
-    return fig
+    return drawable(fig)

@@ -347,7 +347,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _summary_section(summary: dict[str, Any] | None) -> str:
     if summary is None:
-        return "<p><b>This run has not finished</b> (no summary.json): figures show what " \
+        return "<p><b>This run has not finished</b> (no summary yet): figures show what " \
                "was recorded so far.</p>"
     pct = {"teacher_probe_acc", "final_probe_acc", "min_probe_acc", "probe_acc_collapse",
            "teacher_knn_acc", "final_knn_acc", "gain", "dead_frac_teacher",

@@ -149,8 +149,8 @@ def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
         os.close(fd)
         tmp = Path(name)
         try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 whatever the umask
             write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 whatever the umask
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

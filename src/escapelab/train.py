@@ -44,6 +44,7 @@ from escapelab.runtime import (
 )
 from escapelab.schedules import lr_at
 from escapelab.store import (
+    CONFIG_FILE,
     RESUME_CHECKPOINT,
     RunDir,
     Summary,
@@ -463,7 +464,7 @@ def _resumable(run: RunDir) -> tuple[Config, dict[str, Tensor], TrainState]:
     if config_digest(cfg) != run.derived().config_sha256:
         started = meta.get("config")
         changes = config_changes(started, config_to_dict(cfg)) if started else []
-        raise RunDirError(f"{run.path / 'config.yaml'} was edited since the run started"
+        raise RunDirError(f"{run.path / CONFIG_FILE} was edited since the run started"
                           + (f" ({'; '.join(changes)})" if changes else "")
                           + "; resume continues the same run only: restore it, or start a "
                           "new run with the new values")
