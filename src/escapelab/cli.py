@@ -401,6 +401,28 @@ def report(path: Path) -> None:
     click.echo(f"report: {page}")
 
 
+@cli.command(help="""Turn a run directory's records into TensorBoard event files.
+
+Writes metrics/steps.jsonl (train/...), metrics/evals.jsonl (teacher/... at step 0,
+eval/...) and, for a finished run, summary.json (summary/... at the last step) into
+RUN_DIR/tensorboard/: the same series that `logger=tensorboard` writes live. View with
+`tensorboard --logdir RUN_DIR/tensorboard` (or the parent of several runs). Needs
+tensorboardX: pip install 'escapelab[tensorboard]'.
+""")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--to", "target", type=click.Choice(["tensorboard"]), default="tensorboard",
+              show_default=True, help="What to export to.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder of the event files (default: RUN_DIR/tensorboard).")
+@click.option("--overwrite", is_flag=True, help="Replace the event files already in that "
+              "folder (e.g. those a live logger wrote).")
+def export(run_dir: Path, target: str, out: Path | None, overwrite: bool) -> None:
+    from escapelab.loggers import export_tensorboard
+
+    folder = export_tensorboard(run_dir, out, overwrite=overwrite)
+    click.echo(f"wrote {folder} (view with: tensorboard --logdir {folder})")
+
+
 @cli.command(help="""Say what a run directory (or every run of a sweep folder) is doing.
 
 running (its writer holds the lock; with its PID, host and last heartbeat), dead (says

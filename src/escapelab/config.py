@@ -282,6 +282,29 @@ class CheckpointConfig(_Section):
                              "analysis checkpoints (step_<k>).")
 
 
+def _logger_name(value: Any) -> Any:
+    # `logger=tensorboard` is short for `logger.name=tensorboard`
+    return {"name": value} if isinstance(value, str) else value
+
+
+class LoggerConfig(_Section):
+    """A live mirror of the run's records (escapelab.loggers). The run directory stays
+    the record; `escapelab export RUN_DIR --to tensorboard` makes the same event files
+    afterwards."""
+
+    name: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="Mirror every step record (train/...), evaluation (teacher/... "
+        "at step 0, eval/...) and the summary (summary/...) while training. tensorboard: "
+        "event files in <run>/tensorboard/ (pip install 'escapelab[tensorboard]'; view with "
+        "`tensorboard --logdir <run>/tensorboard`); wandb: a W&B run, its files in "
+        "<run>/wandb/, online, or offline with WANDB_MODE=offline (pip install "
+        "'escapelab[wandb]'). A resumed run continues the same series. Shorthand: "
+        "logger=tensorboard.")
+    wandb_project: str = Field("escapelab", description="W&B project (logger.name=wandb).")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); default: "
+                                     "your W&B default entity.")
+
+
 class Config(_Section):
     """Everything that defines a run."""
 
@@ -302,6 +325,8 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logger: Annotated[LoggerConfig, BeforeValidator(_logger_name)] = Field(
+        default_factory=LoggerConfig)
 
     @field_validator("device")
     @classmethod

@@ -4,17 +4,22 @@ The loop hands every step record, evaluation, checkpoint and status change to a
 :class:`Recorder`, which owns the run directory's writing side: it buffers step records
 (turning their device tensors into floats in one host sync per flush), fsyncs them
 before any checkpoint that counts them, and keeps the writer's heartbeat in
-status.json fresh. Ranks other than 0 under torchrun get a :class:`NullRecorder`,
-which does nothing, so the loop has no `if main` branches.
+status.json fresh. Whatever it writes it also hands to a live logger
+(:mod:`escapelab.loggers`: TensorBoard or W&B, when the config asks for one), after the
+files, so the mirror never holds a record the run directory lacks. Ranks other than 0
+under torchrun get a :class:`NullRecorder`, which does nothing, so the loop has no
+`if main` branches.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
 
+from escapelab.loggers import Logger, NullLogger
 from escapelab.models import EscapeNet
 from escapelab.probe import Evaluator
 from escapelab.store import RESUME_CHECKPOINT, RunDir, RunState, Summary
@@ -34,6 +39,11 @@ class Recorder:
         self.beat = 0.0
         self.step = 0
         self.resumable = False
+        self.logger: Logger = NullLogger()
+
+    def mirror_to(self, logger: Logger) -> None:
+        """Hand every record written from now on to `logger` too."""
+        self.logger = logger
 
     @property
     def path(self) -> Any:
@@ -57,11 +67,13 @@ class Recorder:
             for (r, k), v in zip(tensors, values, strict=True):
                 r[k] = v
         self.run.append_steps(self.pending)
+        self.logger.log_steps(self.pending)
         self.pending = []
 
     def log_eval(self, record: dict[str, Any]) -> None:
         self.flush()
         self.run.append_evals([record])
+        self.logger.log_eval(record)
 
     def evaluate(self, model: EscapeNet, step: int, wall_s: float) -> dict[str, Any] | None:
         """Probe the student at `step` and write the record (None on other ranks)."""
@@ -72,6 +84,7 @@ class Recorder:
     def checkpoint(self, name: str, tensors: dict[str, torch.Tensor],
                    meta: dict[str, Any]) -> None:
         self.flush()  # the records a checkpoint refers to are on disk first
+        self.logger.flush()  # and in the mirror: resume re-logs only what follows
         self.run.save_checkpoint(name, tensors, meta)
         self.resumable = self.resumable or name == RESUME_CHECKPOINT
 
@@ -91,10 +104,21 @@ class Recorder:
 
     def summary(self, summary: Summary) -> None:
         self.run.write_summary(summary)
+        self.logger.log_summary(summary.model_dump())
 
     def evals(self) -> list[dict[str, Any]]:
         self.flush()
         return self.run.evals()
+
+    def close(self, failed: bool = False) -> None:
+        """Close the live logger. The run's files are complete already: a logger that
+        cannot close is a warning, never the run's error."""
+        logger, self.logger = self.logger, NullLogger()
+        try:
+            logger.close(failed)
+        except Exception as exc:  # any back end's error: the run itself is on disk
+            warnings.warn(f"the live logger did not close cleanly ({type(exc).__name__}: "
+                          f"{exc}); the run directory is complete", stacklevel=2)
 
 
 class NullRecorder(Recorder):
@@ -105,6 +129,7 @@ class NullRecorder(Recorder):
         self.pending = []
         self.step = 0
         self.resumable = False
+        self.logger = NullLogger()
 
     @property
     def path(self) -> Any:
@@ -140,3 +165,9 @@ class NullRecorder(Recorder):
 
     def evals(self) -> list[dict[str, Any]]:
         return []
+
+    def mirror_to(self, logger: Logger) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
+        pass

@@ -16,6 +16,9 @@ directory::
     summary.json             written last: its presence means the run finished
     analysis.csv, analysis.json   `escapelab analyze`
     figures/, report.html         `escapelab report`
+    tensorboard/             event files of logger.name=tensorboard or `escapelab export`
+    wandb/                   W&B's own files of logger.name=wandb (W&B names them)
+    logger.json              the live logger's identity (W&B run id): resume continues it
     .lock                    held (flock) by the one process writing the directory
 
 Guarantees (each backed by a test; README "What survives what"):
@@ -76,6 +79,9 @@ ANALYSIS_JSON = "analysis.json"
 REPORT_FILE = "report.html"
 FIGURES_DIR = "figures"
 RESUME_CHECKPOINT = "last"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"  # made by wandb itself inside the folder it is given (the run's)
+LOGGER_FILE = "logger.json"
 # A sweep folder
 SWEEP_FILE = "sweep.json"
 SWEEP_RUNS_DIR = "runs"
@@ -676,11 +682,29 @@ class RunDir:
         return sorted(p.stem for p in folder.glob("*.safetensors")
                       if p.stem != RESUME_CHECKPOINT) if folder.is_dir() else []
 
-    # -- figures ------------------------------------------------------------------------
+    # -- figures and live loggers ---------------------------------------------------------
 
     @property
     def figures_dir(self) -> Path:
         return self.path / FIGURES_DIR
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    @property
+    def wandb_dir(self) -> Path:
+        """The folder wandb writes its files into (it is handed the run directory and
+        names this sub-folder itself)."""
+        return self.path / WANDB_DIR
+
+    def logger_state(self) -> dict[str, Any]:
+        """What a live logger saved to continue after a resume (the W&B run id), or {}."""
+        path = self.path / LOGGER_FILE
+        return dict(read_json(path)) if path.exists() else {}
+
+    def write_logger_state(self, state: dict[str, Any]) -> None:
+        write_json(self.path / LOGGER_FILE, state)
 
     @property
     def report_path(self) -> Path:

@@ -30,6 +30,7 @@ from escapelab.config import Config, Derived, config_to_dict, derive
 from escapelab.data import Dataset, load_dataset
 from escapelab.errors import RunDirError, RunInterrupted
 from escapelab.init import distance, make_teacher_student, offset_stats
+from escapelab.loggers import make_logger, require
 from escapelab.losses import LossFn, make_loss
 from escapelab.models import EscapeNet, build_model
 from escapelab.probe import Evaluator, extract
@@ -315,6 +316,7 @@ def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
                 run.fresh.reset()  # --overwrite: the old run goes only now
             recorder = Recorder(run.fresh, setup.derived.total_steps, setup.evaluator)
             with _failures_recorded(recorder):
+                recorder.mirror_to(make_logger(cfg, run.fresh))
                 _write_start(recorder, setup)
                 return _loop(recorder, setup, TrainState(0, Tracker()), signals, progress)
 
@@ -344,7 +346,9 @@ class _Prepared:
 
 def _prepare(cfg: Config, out: Path | str, overwrite: bool) -> _Prepared:
     """Lock the run directory and, if new, mark it `starting`, before the (possibly
-    long) build: a second writer is refused and a signal leaves an honest status."""
+    long) build: a second writer is refused and a signal leaves an honest status. A
+    live logger whose package is missing is refused first, with the pip line."""
+    require(cfg.logger.name)
     RunDir.check_free(out, overwrite)  # also: writable, before data and model are built
     created = RunDir(out).is_empty()
     run = RunDir.create(out) if created else RunDir.open(out).acquire()
@@ -369,7 +373,8 @@ def _write_start(recorder: Recorder, s: Setup) -> None:
 
 class _failures_recorded:
     """On any error but a signal (handled in the loop), mark the run `failed` in
-    status.json where the disk still allows, saying whether it can be resumed."""
+    status.json where the disk still allows, saying whether it can be resumed; in every
+    case close the live logger and release the lock."""
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -397,6 +402,7 @@ class _failures_recorded:
         except Exception:  # noqa: S110 - the disk may be full: the first error is the one
             pass
         finally:
+            self.recorder.close(failed=exc is not None)
             run.release()
 
 
@@ -433,6 +439,8 @@ def resume(out: Path | str, progress: Progress | None = None) -> Summary:
             run.acquire()  # refuses a run another process is writing
         try:
             cfg, tensors, state = _resumable(run)
+            if main:
+                require(cfg.logger.name)  # before data and model are built
             setup = build(cfg)
         except BaseException:
             run.release()
@@ -447,6 +455,7 @@ def resume(out: Path | str, progress: Progress | None = None) -> Summary:
                     raise RunDirError(f"{run.path}: the data no longer give the same derived "
                                       "values as when the run started; cannot resume")
                 _rewind(run, state.step, tensors)
+                recorder.mirror_to(make_logger(cfg, run, resume_step=state.step))
                 return _loop(recorder, setup, state, signals, progress, tensors)
 
 
