@@ -13,8 +13,8 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from escapelab.config import load_config
 from escapelab.train import train
 

@@ -19,8 +19,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from escapelab.config import load_config
 from escapelab.errors import RunDirError, RunInterrupted
 from escapelab.store import RunDir, RunDirWarning, RunLock, read_jsonl
