@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import tiny_overrides
+from escapelab.config import SlurmOptions
 from escapelab.sweep import SweepSpec, run_sweep
 
 
@@ -96,7 +97,7 @@ def test_sweep_runs_through_slurm(slurm, tmp_path, monkeypatch):
                            "seed": [0, 1]})
     seen = []
     result = run_sweep(spec, tmp_path, backend="slurm",
-                       slurm={"wait_s": 300, "poll_s": 0.5},
+                       slurm=SlurmOptions(wait_s=300, poll_s=0.5),
                        progress=lambda i, n, p, r: seen.append((p.label, r["status"])))
     assert result["ran"] == 4 and len(seen) == 4
     with (tmp_path / "runs.csv").open() as f:
@@ -113,7 +114,8 @@ def test_sweep_runs_through_slurm(slurm, tmp_path, monkeypatch):
             break
         time.sleep(0.5)
     assert queue.count("COMPLETED") >= 4, queue
-    again = run_sweep(spec, tmp_path, backend="slurm", slurm={"wait_s": 300, "poll_s": 0.5})
+    again = run_sweep(spec, tmp_path, backend="slurm",
+                      slurm=SlurmOptions(wait_s=300, poll_s=0.5))
     assert again["skipped"] == 2 and again["ran"] == 2
 
 
@@ -140,7 +142,7 @@ def test_a_killed_task_is_recorded_not_waited_for(slurm, tmp_path, monkeypatch):
     killer = threading.Thread(target=cancel_soon)
     killer.start()
     start = time.time()
-    run_sweep(spec, tmp_path, backend="slurm", slurm={"wait_s": 300, "poll_s": 0.5})
+    run_sweep(spec, tmp_path, backend="slurm", slurm=SlurmOptions(wait_s=300, poll_s=0.5))
     killer.join()
     assert time.time() - start < 200
     with (tmp_path / "runs.csv").open() as f:

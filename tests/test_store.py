@@ -80,7 +80,7 @@ def _same_run(a, b, skip_steps=()):
         {k: v for k, v in sb.items() if k != "wall_s"}
 
 
-LONG = {"train.steps": 400, "checkpoint.every": 20, "optim.lr": 3e4}
+LONG = {"train.steps": 400, "checkpoint.every": 20, "optim.lr": 3e4, "probe.every": 100}
 
 
 @pytest.fixture(scope="module")
@@ -312,8 +312,7 @@ def test_sigterm_during_start_up_exits_143_and_says_so(tmp_path, monkeypatch):
 def test_sigterm_during_start_up_of_the_cli(tmp_path):
     """A real process: a large synthetic data set keeps the start-up busy for a while."""
     out = tmp_path / "run"
-    proc = _start(out, *tiny_overrides(**{"data.synthetic.n_train": 3_000_000,
-                                          "data.synthetic.size": 16}))
+    proc = _start(out, *tiny_overrides(**{"data.synthetic.n_train": 1_500_000}))
     try:
         _wait_for(out, lambda s: s["status"] == "starting")
         proc.send_signal(signal.SIGTERM)

@@ -222,8 +222,10 @@ class GramView:
             # its scales (condition 1e12, features spanning 1e-6) is inverted exactly.
             total_var = self.gram.diagonal()[keep] / n
             diag = within.diagonal().clone()
-            live = diag > 0
-            unit = torch.where(live, diag.clamp_min(1e-300).rsqrt(), torch.ones_like(diag))
+            # A within-class variance at rounding level of the feature's total variance
+            # is unresolved (e.g. a feature constant within every class): zero, dropped.
+            live = diag > max(self.n, self.d) * EPS * total_var
+            unit = torch.where(live, diag.clamp_min(1e-300).rsqrt(), torch.zeros_like(diag))
             within.mul_(unit[:, None]).mul_(unit[None, :])
             scaled = scaled * unit[None, :]
             # Rounding in the Gram is relative to the total variance, so a feature whose

@@ -78,7 +78,9 @@ def pinv_spectrum(x: Any, y: Any, rtol: float | None = None,
     matrix whose pseudo-inverse defines the discriminant, as documented in
     :func:`escapelab.metrics.fisher_separability`:
 
-    - d <= n: the unit-diagonal D^-1/2 Sigma_w D^-1/2 (D = diag Sigma_w), cut at
+    - d <= n: the unit-diagonal D^-1/2 Sigma_w D^-1/2 (D = diag Sigma_w; features whose
+      within-class variance is below max(n, d) eps of their total variance are
+      dropped), cut at
       max(n, d) eps max_i(Sigma_t,ii / Sigma_w,ii) (or `rtol`) times its largest
       eigenvalue;
     - d > n: Sigma_w itself, cut at max(n, d) eps tr(Sigma_t) (or `rtol` times its
@@ -89,8 +91,8 @@ def pinv_spectrum(x: Any, y: Any, rtol: float | None = None,
     total, between, within = scatter_matrices(x, y)
     if d <= n:
         diag = np.diag(within).copy()
-        live = diag > 0
-        unit = np.where(live, 1.0 / np.sqrt(np.where(live, diag, 1.0)), 1.0)
+        live = diag > max(n, d) * EPS * np.diag(total)  # else unresolved: dropped
+        unit = np.where(live, 1.0 / np.sqrt(np.where(live, diag, 1.0)), 0.0)
         within = within * np.outer(unit, unit)
         between = between * np.outer(unit, unit)
         ratio = max(1.0, float((np.diag(total)[live] / diag[live]).max())) \

@@ -54,6 +54,7 @@ class RunData:
     evals: list[dict[str, Any]]  # student evaluations
     teacher: dict[str, Any] | None
     analysis: dict[str, Any] | None
+    state: str = ""  # what the run is doing (running, dead, interrupted, ...)
 
     @property
     def diverged(self) -> bool:
@@ -72,6 +73,7 @@ def load_run(path: Path) -> RunData:
         evals=[r for r in evals if r.get("model") == "student"],
         teacher=next((r for r in evals if r.get("model") == "teacher"), None),
         analysis=run.analysis(),
+        state=run.state_text(),
     )
 
 
@@ -345,10 +347,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _summary_section(summary: dict[str, Any] | None) -> str:
+def _summary_section(summary: dict[str, Any] | None, state: str = "") -> str:
     if summary is None:
-        return "<p><b>This run has not finished</b> (no summary yet): figures show what " \
-               "was recorded so far.</p>"
+        return (f"<p><b>This run has not finished</b> ({html.escape(state)}): figures show "
+                "what was recorded so far.</p>")
     pct = {"teacher_probe_acc", "final_probe_acc", "min_probe_acc", "probe_acc_collapse",
            "teacher_knn_acc", "final_knn_acc", "gain", "dead_frac_teacher",
            "dead_frac_collapse", "dead_frac_final", "changed_frac"}
@@ -423,7 +425,7 @@ def write_report(path: Path | str) -> Path:
     if kind == "run":
         data = load_run(path)
         drawn = run_figures(data)
-        sections.append("<h2>Summary</h2>" + _summary_section(data.summary))
+        sections.append("<h2>Summary</h2>" + _summary_section(data.summary, data.state))
         if data.analysis is not None:
             sections.append("<h2>Layerwise analysis</h2><p>Per layer tap at the teacher T, "
                             "the collapse C and the student S (see Figs. 2 and 3 below; "
