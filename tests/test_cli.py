@@ -70,11 +70,15 @@ def test_ctrl_c_leaves_a_resumable_run_that_does_not_look_complete(tmp_path):
     proc = subprocess.Popen([*CLI, "run", "--quiet", "--out", str(out), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     status = out / "status.json"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline:
-        if status.exists() and json.loads(status.read_text()).get("step", 0) >= 50:
+        state = json.loads(status.read_text()) if status.exists() else {}
+        if state.get("status") == "running" and state.get("step", 0) >= 50:
             break
         time.sleep(0.1)
+    else:
+        proc.kill()
+        raise AssertionError("the run did not reach step 50")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
