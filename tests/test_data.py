@@ -45,6 +45,11 @@ def test_stratified_subset_is_deterministic_and_balanced():
     assert np.all(np.bincount(labels[a]) == 100)
     assert np.array_equal(a, stratified_subset(labels, 1000, seed=0))
     assert np.array_equal(stratified_subset(labels, 5000, 0), np.arange(5000))
+    # A run's probe seed is a 63-bit stream seed; scikit-learn alone refuses those.
+    big = stratified_subset(labels, 1000, seed=2**62 + 7)
+    assert np.all(np.bincount(labels[big]) == 100)
+    assert np.array_equal(big, stratified_subset(labels, 1000, seed=2**62 + 7))
+    assert not np.array_equal(big, stratified_subset(labels, 1000, seed=2**62 + 8))
 
 
 def test_synthetic_and_subset():

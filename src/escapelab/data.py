@@ -75,12 +75,19 @@ class Dataset:
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Sorted indices of a deterministic class-stratified subset of `size` samples."""
+    """Sorted indices of a deterministic class-stratified subset of `size` samples.
+
+    `seed` is any non-negative integer: scikit-learn takes seeds below 2^32 only, so a
+    run's 63-bit stream seeds (the probe's, `config.stream_seed`) are first hashed to 32
+    bits; seeds below 2^32 are used as they are (same subsets as before).
+    """
     from sklearn.model_selection import train_test_split
 
     n = len(labels)
     if size >= n:
         return np.arange(n)
+    if seed >= 2**32:
+        seed = int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
     idx, _ = train_test_split(np.arange(n), train_size=size, stratify=labels,
                               random_state=seed)
     return np.sort(idx)
