@@ -26,6 +26,16 @@ def test_presets_load_with_the_papers_values():
     assert paper.data.batch_size == 256 and paper.train.epochs == 100
     digits = load_config("digits")
     assert digits.data.name == "digits" and digits.model.name == "convnet"
+    fashion = load_config("fashion-mnist")
+    assert fashion.data.name == "fashion-mnist" and fashion.model.name == "convnet"
+    assert fashion.init.sigma_eps == 1e-10 and fashion.dtype == "float32"
+    assert fashion.loss.name == "nmse" and fashion.optim.momentum == 0
+    # Probes on fixed subsets that fit Fashion-MNIST's 60,000 / 10,000 images.
+    derived = derive(fashion, n_train=60000, n_test=10000, num_classes=10,
+                     input_shape=(1, 28, 28), device="cpu")
+    assert fashion.probe.train_samples is not None and fashion.probe.test_samples is not None
+    assert fashion.probe.train_samples < 60000 and fashion.probe.test_samples < 10000
+    assert derived.total_steps == fashion.train.steps and len(derived.eval_steps) < 30
 
 
 def test_overrides_are_typed_from_text():

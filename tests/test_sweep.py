@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_overrides
+from escapelab.config import load_config
 from escapelab.errors import ConfigError
 from escapelab.sweep import (
+    SCALES,
     SweepSpec,
     expand,
     load_spec,
@@ -65,6 +67,80 @@ def test_presets_expand_at_both_scales():
         "optim.lr": [100.0, 30000.0], "data.batch_size": [16, "full"]}
     with pytest.raises(ConfigError, match="unknown sweep preset"):
         load_spec("nope")
+
+
+def test_fashion_mnist_scale_loads_around_the_preset():
+    preset = load_config("fashion-mnist")
+    points = expand(load_spec("step-size", scale="fashion-mnist"))
+    assert all(p.config.data.name == "fashion-mnist" and p.config.model.name == "convnet"
+               and p.config.model.widths == preset.model.widths
+               and p.config.probe.train_samples == preset.probe.train_samples
+               for p in points)
+    lrs = sorted({p.config.optim.lr for p in points})
+    assert min(lrs) < preset.optim.lr < max(lrs) and preset.optim.lr in lrs
+    assert {p.config.seed for p in points} == {0, 1, 2}
+    assert len(points) == 3 * len(lrs)
+
+
+SPEC = """
+name: s
+base: digits
+grid: {optim.lr: [1.0e+3, 1.0e+4], seed: [0]}
+fashion-mnist:
+  base: fashion-mnist
+  overrides: {train.steps: 100}
+  grid: {optim.lr: [3.0e+3]}
+"""
+
+
+def _spec(tmp_path, text):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_spec_scale_sections_merge_over_the_top_level(tmp_path):
+    path = _spec(tmp_path, SPEC)
+    digits = load_spec(path)
+    assert digits.base == "digits" and digits.grid["optim.lr"] == [1e3, 1e4]
+    fm = load_spec(path, scale="fashion-mnist")
+    assert fm.name == "s" and fm.base == "fashion-mnist"
+    assert fm.grid == {"optim.lr": [3e3], "seed": [0]}  # the section's axis replaces
+    assert fm.overrides == {"train.steps": 100}
+    (point,) = expand(fm)
+    assert point.config.data.name == "fashion-mnist" and point.config.train.steps == 100
+
+
+@pytest.mark.parametrize(("text", "scale", "message"), [
+    # a typo in a section's own keys, with the closest key suggested
+    (SPEC.replace("  overrides:", "  overides:"), "fashion-mnist",
+     r"fashion-mnist\.overides.*did you mean 'overrides'"),
+    # a config key misspelled in the section is refused even when the digits scale is
+    # asked for: every scale is checked at load time
+    (SPEC.replace("{train.steps: 100}", "{train.stepz: 100}"), "digits",
+     r"\(fashion-mnist scale\).*train\.stepz"),
+    (SPEC.replace("[3.0e+3]", "[-1]"), "digits", r"fashion-mnist scale.*lr=-1"),
+    (SPEC.replace("  grid: {optim.lr: [3.0e+3]}", "  grid: {optim.lr: []}"),
+     "fashion-mnist", r"fashion-mnist\.grid.*non-empty"),
+    (SPEC.replace("fashion-mnist:", "fashion-mnst:"), "digits",
+     r"fashion-mnst.*did you mean 'fashion-mnist'"),
+    (SPEC.split("fashion-mnist:")[0] + "fashion-mnist: 3\n", "digits",
+     r"fashion-mnist: .*dictionary"),
+    (SPEC, "cifar", r"unknown scale 'cifar'; allowed: digits, fashion-mnist, paper"),
+    (SPEC, "paper", r"has no paper section; it has: digits, fashion-mnist"),
+])
+def test_spec_scales_are_validated_strictly(tmp_path, text, scale, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(_spec(tmp_path, text), scale=scale)
+
+
+def test_cli_scale_choices_are_the_spec_scales():
+    from escapelab.cli import sweep as command
+
+    (option,) = [p for p in command.params if p.name == "scale"]
+    assert list(option.type.choices) == list(SCALES)
+    with pytest.raises(ConfigError, match="unknown scale"):
+        load_spec("step-size", scale="cifar")
 
 
 @pytest.mark.parametrize(("summary", "label"), [

@@ -188,14 +188,18 @@ std over seeds), and prints the table.
 
 \b
   escapelab sweep --preset step-size --out runs/steps          (digits, 18 runs)
+  escapelab sweep --preset step-size --scale fashion-mnist --out DIR   (CPU, hours)
   escapelab sweep --preset step-size --scale paper --out DIR   (CIFAR-10, needs GPUs)
   escapelab sweep --grid optim.lr=1e3,1e4 --grid seed=0,1 --out DIR train.steps=500
 {OVERRIDES_HELP}""")
 @click.argument("spec", required=False)
 @click.option("--preset", default=None, help="A sweep preset: " + "step-size, batch-size, "
               "loss-warmup.")
-@click.option("--scale", type=click.Choice(["digits", "paper"]), default="digits",
-              show_default=True, help="digits (CPU, minutes) or the paper's CIFAR-10 scale.")
+# The choices are escapelab.sweep.SCALES, spelled out so that --help does not import torch.
+@click.option("--scale", type=click.Choice(["digits", "fashion-mnist", "paper"]),
+              default="digits", show_default=True,
+              help="Which section of the spec: digits (CPU, minutes), fashion-mnist (CPU, "
+              "~10 min per run) or paper (CIFAR-10 / VGG11, a GPU per run).")
 @click.option("--base", default=None, help="Base config preset (default: the spec's).")
 @click.option("--grid", "grid_items", multiple=True, help="key=v1,v2,... (repeatable).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,

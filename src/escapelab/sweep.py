@@ -12,9 +12,13 @@ overrides and a grid::
         - {label: constant, schedule.name: constant}
         - {label: warmup, schedule.name: linear_warmup, schedule.warmup_steps: 100}
       seed: [0, 1, 2]
-    paper:                            # optional: the same sweep at paper scale
+    paper:                            # optional: the same sweep at another scale
       base: cifar10-vgg11
       grid: {optim.lr: [32, 3162, 1.0e+4, 1.0e+5], seed: [0]}
+
+The top level is the ``digits`` scale; each other scale of :data:`SCALES` is an optional
+section with the same keys, merged over the top level (its overrides and grid axes
+replace the top level's, key by key). ``escapelab sweep --scale NAME`` picks one.
 
 Every point runs into ``OUT/runs/<label>-<hash>``, the hash being that of the resolved
 config, so that re-launching skips finished runs and resumes interrupted ones. A
@@ -85,11 +89,12 @@ class _SpecPart(BaseModel):
         return grid
 
 
-class _SpecFile(_SpecPart):
-    """A sweep spec file: a base, overrides and a grid, and optionally the same sweep at
-    paper scale (`paper:`, the same keys). Unknown keys anywhere are errors."""
-
-    paper: _SpecPart | None = None
+# The scales a sweep spec can describe: the top level of a spec is `digits` (CPU,
+# minutes); every other scale is an optional section of the same form (base, overrides,
+# grid): `fashion-mnist` (real 28x28 images, CPU, minutes per run), `paper` (CIFAR-10 /
+# VGG11, a GPU per run). The CLI's --scale choices spell out these names (a test keeps
+# them in step) so that `escapelab --help` need not import this module and torch.
+SCALES: tuple[str, ...] = ("digits", "fashion-mnist", "paper")
 
 
 class SweepSpec(BaseModel):
@@ -130,8 +135,12 @@ def sweep_preset_names() -> list[str]:
 
 
 def load_spec(source: str | Path, scale: str = "digits") -> SweepSpec:
-    """A sweep spec from a preset name (``escapelab/sweeps``) or a YAML file; `scale`
-    ``paper`` applies the spec's ``paper`` section."""
+    """A sweep spec from a preset name (``escapelab/sweeps``) or a YAML file, resolved for
+    `scale` (one of :data:`SCALES`): the top level for ``digits``, else that scale's
+    section merged over the top level. Every scale the spec has is validated, config keys
+    included, whichever is asked for."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; allowed: {', '.join(SCALES)}")
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -149,37 +158,44 @@ def load_spec(source: str | Path, scale: str = "digits") -> SweepSpec:
         raise ConfigError(f"sweep spec {str(source)!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError("a sweep spec is a mapping with base, overrides and grid")
+    sections = {name: raw.pop(name) for name in SCALES if name != "digits" and name in raw}
+    top = _spec_part(raw, source, (), [*_SpecPart.model_fields,
+                                       *(name for name in SCALES if name != "digits")])
+    digits = SweepSpec(name=top.name or default_name, base=top.base or "digits",
+                       overrides=top.overrides, grid=top.grid)
+    variants = {"digits": digits}
+    for name, section in sections.items():
+        if section is None:  # `paper:` with nothing under it: no such section
+            continue
+        part = _spec_part(section, source, (name,), list(_SpecPart.model_fields))
+        variants[name] = SweepSpec(
+            name=part.name or digits.name, base=part.base or digits.base,
+            overrides={**top.overrides, **part.overrides}, grid={**top.grid, **part.grid})
+    for name, variant in variants.items():  # every config key of every scale, now
+        try:
+            expand(variant)
+        except ConfigError as exc:
+            raise ConfigError(f"sweep spec {str(source)!r} ({name} scale): {exc}") from None
+    if scale not in variants:
+        raise ConfigError(f"sweep {default_name!r} has no {scale} section; it has: "
+                          f"{', '.join(variants)}")
+    return variants[scale]
+
+
+def _spec_part(raw: Any, source: str | Path, where: tuple[str, ...],
+               allowed: list[str]) -> _SpecPart:
+    """Validate one level of a spec (the top level or a scale's section); errors name
+    the dotted place and suggest the closest allowed key."""
     try:
-        spec = _SpecFile.model_validate(raw)
+        return _SpecPart.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
+        loc = (*where, *(str(p) for p in err["loc"]))
         hint = ""
-        if err["type"] == "extra_forbidden":
-            hint = did_you_mean(str(err["loc"][-1]), list(_SpecPart.model_fields)
-                                + ([] if len(err["loc"]) > 1 else ["paper"]))
-        raise ConfigError(f"sweep spec {str(source)!r}: {where}: "
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            hint = did_you_mean(str(err["loc"][-1]), allowed)
+        raise ConfigError(f"sweep spec {str(source)!r}: {'.'.join(loc) or 'spec'}: "
                           f"{err['msg'].removeprefix('Value error, ')}{hint}") from None
-    if scale not in ("digits", "paper"):
-        raise ConfigError(f"unknown scale {scale!r}; allowed: digits, paper")
-    digits = SweepSpec(name=spec.name or default_name, base=spec.base or "digits",
-                       overrides=spec.overrides, grid=spec.grid)
-    paper = None if spec.paper is None else SweepSpec(
-        name=spec.paper.name or digits.name, base=spec.paper.base or digits.base,
-        overrides={**spec.overrides, **spec.paper.overrides},
-        grid={**spec.grid, **spec.paper.grid})
-    for variant, label in ((digits, "digits"), (paper, "paper")):
-        if variant is not None:  # every config key of both scales is checked now
-            try:
-                expand(variant)
-            except ConfigError as exc:
-                raise ConfigError(f"sweep spec {str(source)!r} ({label} scale): {exc}") \
-                    from None
-    if scale == "paper":
-        if paper is None:
-            raise ConfigError(f"sweep {default_name!r} has no paper-scale section")
-        return paper
-    return digits
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
