@@ -75,14 +75,16 @@ class Dataset:
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Sorted indices of a deterministic class-stratified subset of `size` samples."""
+    """Sorted indices of a deterministic class-stratified subset of `size` samples.
+    Seeds of 2^32 and above (the 63-bit stream seeds) are folded into scikit-learn's
+    32-bit range."""
     from sklearn.model_selection import train_test_split
 
     n = len(labels)
     if size >= n:
         return np.arange(n)
     idx, _ = train_test_split(np.arange(n), train_size=size, stratify=labels,
-                              random_state=seed)
+                              random_state=seed % 2**32)
     return np.sort(idx)
 
 
