@@ -441,7 +441,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def _ok(v: dict[str, Any] | None) -> str:
     if v is None:
-        return "(reference)"
+        return "(no target)"
     return " ".join(f"{k[:-3]} {'ok' if v[k] else 'MISSED'}"
                     for k in ("speedup_ok", "accuracy_ok", "objective_ok"))
 
@@ -468,8 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, every part (tests)")
     p.add_argument("--n", type=int, default=60000, help="B1: Fashion-MNIST training images")
     p.add_argument("--n-test", type=int, default=10000, help="B1: test images")
-    p.add_argument("--seq-n", type=int, default=10000, help="B2: training images per fit")
-    p.add_argument("--seq-test", type=int, default=2000, help="B2: test images per fit")
+    p.add_argument("--seq-n", type=int, default=5000, help="B2: training images per fit")
+    p.add_argument("--seq-test", type=int, default=1000, help="B2: test images per fit")
     p.add_argument("--seq-steps", type=int, default=1000,
                    help="B2: training steps (the digits schedule up to here)")
     p.add_argument("--skip-fm", action="store_true", help="digits only (A1, A2)")

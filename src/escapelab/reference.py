@@ -3,9 +3,10 @@ the tests and benchmarks compare the fast routes against.
 
 Nothing here is used by escapelab itself. Each function is the textbook computation,
 written for clarity (full SVDs, explicit covariance matrices, ``numpy.linalg.pinv``,
-losses from their formulas), so that a reader can check the optimized code in
-:mod:`escapelab.metrics` and :mod:`escapelab.losses` against something obvious. They
-need O(d^2) memory or more: fine for tests, not for VGG-sized layers.
+losses and the linear probe's objective from their formulas), so that a reader can
+check the optimized code in :mod:`escapelab.metrics`, :mod:`escapelab.losses` and
+:mod:`escapelab.probe` against something obvious. They need O(d^2) memory or more: fine
+for tests, not for VGG-sized layers.
 """
 
 from __future__ import annotations
