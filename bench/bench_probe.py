@@ -16,7 +16,7 @@ B1  Fashion-MNIST, cold: ``--n`` training images (stratified; default all 60,000
     10,000 test images through a random (teacher-initialized) VGG-style convnet, widths
     32-64-128-512, four conv3x3-ReLU-maxpool blocks: 28 -> 1 pixel, 512 features.
 B2  Fashion-MNIST, sequence: the same convnet trained as an escape run with the digits
-    default's settings (eta 3e4, B 64, N-MSE) for ``--seq-steps`` steps (default 1000),
+    default's settings (eta 3e4, B 64, N-MSE) for ``--seq-steps`` steps (default 500),
     its student saved at every step of the digits default's schedule up to there;
     ``--seq-n`` training and ``--seq-test`` test images (stratified).
 
@@ -470,7 +470,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=10000, help="B1: test images")
     p.add_argument("--seq-n", type=int, default=5000, help="B2: training images per fit")
     p.add_argument("--seq-test", type=int, default=1000, help="B2: test images per fit")
-    p.add_argument("--seq-steps", type=int, default=1000,
+    p.add_argument("--seq-steps", type=int, default=500,
                    help="B2: training steps (the digits schedule up to here)")
     p.add_argument("--skip-fm", action="store_true", help="digits only (A1, A2)")
     p.add_argument("--threads", type=int, default=1,
