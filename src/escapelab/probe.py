@@ -239,7 +239,10 @@ def fit_logistic(x: Tensor, y: Tensor, num_classes: int, C: float = 1.0, *,
 
 
 def _tensor(f: Features) -> Tensor:
-    return f if isinstance(f, Tensor) else torch.from_numpy(np.ascontiguousarray(f))
+    if isinstance(f, Tensor):
+        return f
+    array = np.ascontiguousarray(f)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def _finite(*arrays: Features) -> bool:
