@@ -12,7 +12,9 @@ each layer tap, on a fixed stratified sample of one split:
   (Fig. 3a, 3b); the same four with k-means cluster labels as ``kmeans_*`` (the paper's
   footnote 1: no labels needed);
 - ``probe_acc`` (Fig. 3c): a logistic-regression probe on the tap's standardized
-  features, fit on training images and scored on test images.
+  features, fit on training images and scored on test images, on the analysis device
+  with the run's probe settings (:mod:`escapelab.probe`; ``probe_solver`` overrides the
+  solver).
 
 Features are gathered tap group by tap group under a memory budget, and every spectral
 quantity comes from the smaller Gram matrix (see :mod:`escapelab.metrics`).
@@ -170,6 +172,7 @@ def analyze(run_dir: Path | str, options: AnalysisOptions | None = None,
                           if options.probe else 0)
     groups = _groups(sizes, n_store, options.memory_gb * 2**30)
     num_classes = derived.num_classes
+    probe = cfg.probe  # the training-time probe's settings (C, tol, dtype, solver)
 
     result = Analysis(layers=taps)
     t0 = time.perf_counter()
@@ -191,7 +194,9 @@ def analyze(run_dir: Path | str, options: AnalysisOptions | None = None,
                 values = _tap_metrics(feats[tap], y_a, num_classes, options)
                 if options.probe:
                     values["probe_acc"] = linear_probe_accuracy(
-                        _numpy(f_fit[tap]), y_fit, _numpy(f_score[tap]), y_score)
+                        f_fit[tap].flatten(1), y_fit, f_score[tap].flatten(1), y_score,
+                        probe.C, probe.max_iter, solver=options.probe_solver or probe.solver,
+                        dtype=probe.dtype, tol=probe.tol)
                 for metric, value in values.items():
                     result.rows.append({"checkpoint": name, "layer": tap, "metric": metric,
                                         "value": value})
@@ -201,10 +206,6 @@ def analyze(run_dir: Path | str, options: AnalysisOptions | None = None,
     _relative_to_teacher(result)
     write(run, result, options, time.perf_counter() - t0, len(idx))
     return result
-
-
-def _numpy(feats: Tensor) -> np.ndarray:
-    return feats.flatten(1).double().cpu().numpy()
 
 
 def _tap_metrics(feats: Tensor, labels: np.ndarray, num_classes: int,

@@ -3,9 +3,10 @@ the tests and benchmarks compare the fast routes against.
 
 Nothing here is used by escapelab itself. Each function is the textbook computation,
 written for clarity (full SVDs, explicit covariance matrices, ``numpy.linalg.pinv``,
-losses from their formulas), so that a reader can check the optimized code in
-:mod:`escapelab.metrics` and :mod:`escapelab.losses` against something obvious. They
-need O(d^2) memory or more: fine for tests, not for VGG-sized layers.
+losses and the linear probe's objective from their formulas), so that a reader can
+check the optimized code in :mod:`escapelab.metrics`, :mod:`escapelab.losses` and
+:mod:`escapelab.probe` against something obvious. They need O(d^2) memory or more: fine
+for tests, not for VGG-sized layers.
 """
 
 from __future__ import annotations
@@ -147,3 +148,39 @@ LOSSES = {
 }
 """Escape losses of student outputs s and teacher outputs t (n, d), from their formulas
 (ndmse equals nmse in value; only its gradient differs)."""
+
+
+# -- linear probe (escapelab.probe) ---------------------------------------------------------
+
+
+def _logits(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray) -> np.ndarray:
+    z = x @ coef.T + intercept
+    if coef.shape[0] == 1:  # two classes: one binomial row; class 0's logit is 0
+        z = np.hstack([np.zeros((len(x), 1)), z])
+    return z
+
+
+def logistic_objective(coef: Any, intercept: Any, x: Any, y: Any, C: float) -> float:
+    """scikit-learn's ``LogisticRegression(C)`` objective C sum_i CE_i + ||coef||_F^2 / 2,
+    divided by C n: mean cross-entropy + ||coef||_F^2 / (2 C n), intercept unpenalized.
+
+    coef (K, d) and intercept (K,), or (1, d) and (1,) for two classes (scikit-learn's
+    binomial model, whose row is the second class's logit); x (n, d); y (n,) class
+    indices 0..K-1."""
+    coef, intercept = np.asarray(coef, np.float64), np.asarray(intercept, np.float64)
+    x, y = np.asarray(x, np.float64), np.asarray(y)
+    z = _logits(coef, intercept, x)
+    return float(np.mean(-log_softmax(z)[np.arange(len(y)), y])
+                 + np.sum(coef**2) / (2 * C * len(y)))
+
+
+def logistic_gradient(coef: Any, intercept: Any, x: Any, y: Any, C: float,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients of :func:`logistic_objective` with respect to coef and intercept."""
+    coef, intercept = np.asarray(coef, np.float64), np.asarray(intercept, np.float64)
+    x, y = np.asarray(x, np.float64), np.asarray(y)
+    z = _logits(coef, intercept, x)
+    resid = np.exp(log_softmax(z))
+    resid[np.arange(len(y)), y] -= 1.0
+    resid = resid[:, resid.shape[1] - coef.shape[0]:] / len(y)
+    return resid.T @ x + coef / (C * len(y)), resid.sum(axis=0)

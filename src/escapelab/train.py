@@ -196,17 +196,19 @@ def collapse_score(criterion: str, record: dict[str, Any]) -> float | None:
 @dataclass
 class TrainState:
     """What a resumed run needs besides the config: the student, the optimizer's
-    momentum, the batch order and the tracker. Packed into the resumable checkpoint
-    (tensors + JSON metadata) and unpacked from it, here and nowhere else."""
+    momentum, the batch order, the tracker and the linear probe's warm start. Packed
+    into the resumable checkpoint (tensors + JSON metadata) and unpacked from it, here
+    and nowhere else."""
 
     step: int
     tracker: Tracker
 
     def pack(self, student: EscapeNet, sampler: BatchSampler,
              optimizer: torch.optim.Optimizer, cfg: Config, records: dict[str, int],
-             ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+             evaluator: Evaluator) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors = {f"student.{k}": v for k, v in student.state_dict().items()}
         tensors.update(sampler.state())
+        tensors.update(evaluator.state())
         for i, p in enumerate(optimizer.param_groups[0]["params"]):
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
@@ -223,10 +225,11 @@ class TrainState:
 
     @staticmethod
     def restore(tensors: dict[str, Tensor], student: EscapeNet, sampler: BatchSampler,
-                optimizer: torch.optim.Optimizer) -> None:
+                optimizer: torch.optim.Optimizer, evaluator: Evaluator) -> None:
         student.load_state_dict({k[len("student."):]: v for k, v in tensors.items()
                                  if k.startswith("student.")})
         sampler.load(tensors)
+        evaluator.load_state(tensors)
         for i, p in enumerate(optimizer.param_groups[0]["params"]):
             if f"momentum.{i}" in tensors:
                 optimizer.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(p)
@@ -510,7 +513,7 @@ def _loop(rec: Recorder, s: Setup, state: TrainState, signals: StopSignals,
     sampler = BatchSampler(plan.n_train, plan.batch_size, plan.data_seed, s.device,
                            fixed=cfg.data.sampling == "fixed")
     if saved is not None:
-        TrainState.restore(saved, student, sampler, optimizer)
+        TrainState.restore(saved, student, sampler, optimizer, s.evaluator)
     evals, saves = set(plan.eval_steps), set(cfg.checkpoint.steps)
     rec.status("running", step=state.step)
     if state.step == 0:
@@ -601,7 +604,8 @@ def _save_student(rec: Recorder, s: Setup, name: str, step: int, kind: str,
 
 def _save_resumable(rec: Recorder, s: Setup, state: TrainState, sampler: BatchSampler,
                     optimizer: torch.optim.Optimizer) -> None:
-    tensors, meta = state.pack(s.student, sampler, optimizer, s.cfg, rec.records_written())
+    tensors, meta = state.pack(s.student, sampler, optimizer, s.cfg, rec.records_written(),
+                               s.evaluator)
     rec.checkpoint(RESUME_CHECKPOINT, tensors, meta)
     rec.status("running", step=state.step, resumable=True)
 
