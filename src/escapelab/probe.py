@@ -20,7 +20,7 @@ from torch import Tensor
 from escapelab.config import ProbeConfig
 from escapelab.data import Dataset, stratified_subset
 from escapelab.losses import LossFn
-from escapelab.metrics import dead_units, effective_rank
+from escapelab.metrics import dead_units, effective_rank, linear_cka
 from escapelab.models import EscapeNet
 
 
@@ -78,7 +78,10 @@ class Evaluator:
 
     ``targets`` are the training loss's targets on the probe's train samples (teacher
     outputs, or labels for supervised losses), so that ``loss`` is the training
-    objective on those samples.
+    objective on those samples. ``teacher_features`` are the teacher's encoder outputs
+    on the same samples, computed once: ``cka_teacher`` is the linear CKA between them
+    and the network's (1 at the teacher; how much of the teacher's representation
+    survives the escape, up to rotation and scale).
     """
 
     data: Dataset
@@ -87,6 +90,7 @@ class Evaluator:
     train_idx: Tensor
     test_idx: Tensor
     targets: Tensor | None = None
+    teacher_features: Tensor | None = None
 
     @classmethod
     def build(cls, data: Dataset, cfg: ProbeConfig, loss_fn: LossFn, seed: int) -> Evaluator:
@@ -100,6 +104,9 @@ class Evaluator:
 
     def set_targets(self, targets: Tensor) -> None:
         self.targets = targets
+
+    def set_teacher_features(self, features: Tensor) -> None:
+        self.teacher_features = features
 
     def __call__(self, model: EscapeNet) -> dict[str, Any]:
         x_tr = self.data.x_train[self.train_idx]
@@ -117,6 +124,8 @@ class Evaluator:
             "erank": effective_rank(np_tr) if finite else None,
             "dead_frac": dead_units(f_tr) / f_tr.shape[1],
         }
+        if self.teacher_features is not None:
+            record["cka_teacher"] = linear_cka(f_tr, self.teacher_features) if finite else None
         if self.targets is not None:
             with torch.no_grad():
                 record["loss"] = float(self.loss_fn(out_tr, self.targets))
