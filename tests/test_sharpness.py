@@ -259,3 +259,25 @@ def test_lr_range_reports_lambda0_per_seed(tmp_path):
         # The curves measure lambda_0 only: no sharpness schedule during the range test.
         assert [r.model for r in run.sharpness()] == ["teacher"]
     assert not math.isnan(payload["curves"]["escape"]["seeds"]["0"]["lambda0"])
+
+
+def test_resume_continues_the_warm_start(tmp_path):
+    import os
+    import signal
+
+    from escapelab.train import RunInterrupted, resume
+
+    cfg = load_config("digits", tiny_overrides(**SHARP, **{"checkpoint.every": 20}))
+    train(cfg, tmp_path / "ref")
+
+    def interrupt(step, total, info):
+        if step == 30:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted):
+        train(cfg, tmp_path / "cut", progress=interrupt)
+    resume(tmp_path / "cut")
+    ref, cut = RunDir(tmp_path / "ref").sharpness(), RunDir(tmp_path / "cut").sharpness()
+    assert [(r.model, r.step, r.hvp) for r in cut] == [(r.model, r.step, r.hvp) for r in ref]
+    for a, b in zip(cut, ref, strict=True):
+        np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-6)

@@ -1,13 +1,13 @@
 """What the training loop writes, through one object.
 
 The loop hands every step record, evaluation, sharpness measurement, checkpoint and
-status change to a
-:class:`Recorder`, which owns the run directory's writing side: it buffers step records
-(turning their device tensors into floats in one host sync per flush), fsyncs them
-before any checkpoint that counts them, and keeps the writer's heartbeat in
-status.json fresh. Whatever it writes it also hands to a live logger
-(:mod:`escapelab.loggers`: TensorBoard or W&B, when the config asks for one), after the
-files, so the mirror never holds a record the run directory lacks. Ranks other than 0
+status change to a :class:`Recorder`, which owns the run directory's writing side: it
+buffers step records (turning their device tensors into floats in one host sync per
+flush), fsyncs them before any checkpoint that counts them, and keeps the writer's
+heartbeat in status.json fresh. Steps, evaluations and the summary are also handed to a
+live logger (:mod:`escapelab.loggers`: TensorBoard or W&B, when the config asks for
+one), after the files, so the mirror never holds a record the run directory lacks
+(sharpness records are not mirrored yet; the summary carries lambda0). Ranks other than 0
 under torchrun get a :class:`NullRecorder`, which does nothing, so the loop has no
 `if main` branches.
 """
