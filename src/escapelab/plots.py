@@ -170,7 +170,7 @@ def sharpness_figure(steps: list[dict[str, Any]], sharpness: list[dict[str, Any]
         xs, ys = _finite(x, [r[key] for r in steps], positive=True)
         ax.plot(xs, ys, color=color, linewidth=1.0, gid=key)
     k = max((len(r["eigenvalues"]) for r in sharpness), default=0)
-    for i, color in zip(range(k), _colors(k, "autumn"), strict=True):
+    for i, color in zip(range(k), _colors(k, "viridis"), strict=True):
         xs, ys = _finite([r["step"] for r in sharpness],
                          [r["eigenvalues"][i] if i < len(r["eigenvalues"]) else None
                           for r in sharpness], positive=True)
