@@ -336,13 +336,15 @@ def test_resumable_checkpoints_carry_the_warm_start(tiny_config):
     assert torch.equal(tensors["probe.weight"], setup.evaluator.last_fit.weight)
     fresh, fresh_sampler, fresh_optimizer = parts()
     assert fresh.evaluator.last_fit is None
-    TrainState.restore(tensors, fresh.student, fresh_sampler, fresh_optimizer, fresh.evaluator)
+    TrainState.restore(tensors, fresh.student, fresh_sampler, fresh_optimizer, fresh.evaluator,
+                       fresh.sharpness)
     assert torch.equal(fresh.evaluator.last_fit.weight, setup.evaluator.last_fit.weight)
     assert torch.equal(fresh.evaluator.last_fit.bias, setup.evaluator.last_fit.bias)
     assert fresh.evaluator(fresh.teacher) == setup.evaluator(setup.teacher)
     # A checkpoint written before warm starts existed restores a cold start.
     TrainState.restore({k: v for k, v in tensors.items() if not k.startswith("probe.")},
-                       fresh.student, fresh_sampler, fresh_optimizer, fresh.evaluator)
+                       fresh.student, fresh_sampler, fresh_optimizer, fresh.evaluator,
+                       fresh.sharpness)
     assert fresh.evaluator.last_fit is None
 
 

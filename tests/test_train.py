@@ -105,6 +105,29 @@ def test_run_directory_contents(tiny_config, tmp_path):
     assert s.evaluator(s.student)["probe_acc"] == summary["final_probe_acc"]
     with pytest.raises(RunDirError, match="already holds a run"):
         train(cfg, out)
+    tf32 = json.loads((out / "environment.json").read_text())["tf32"]
+    assert tf32 == {"matmul_allow_tf32": False, "cudnn_allow_tf32": False,
+                    "float32_matmul_precision": "highest"}
+
+
+def test_tf32_is_set_explicitly_both_ways():
+    """PyTorch's default lets cuDNN convolutions use TF32; escape runs switch it off."""
+    from escapelab.runtime import set_tf32, setup_torch
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+        setup_torch(None, False, "cpu")
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+        set_tf32(True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[:2]
+        torch.set_float32_matmul_precision(before[2])
 
 
 def test_escape_and_collapse_are_found(tiny_config, tmp_path):

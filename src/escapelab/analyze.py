@@ -15,6 +15,9 @@ each layer tap, on a fixed stratified sample of one split:
   features, fit on training images and scored on test images, on the analysis device
   with the run's probe settings (:mod:`escapelab.probe`; ``probe_solver`` overrides the
   solver).
+- ``cka_T``: linear CKA (:func:`escapelab.metrics.linear_cka`) between the tap's
+  features and the teacher's at the same tap on the same images (1 at T): how much of
+  the teacher's representation, up to rotation and scale, each layer keeps at C and S.
 
 Features are gathered tap group by tap group under a memory budget, and every spectral
 quantity comes from the smaller Gram matrix (see :mod:`escapelab.metrics`).
@@ -40,7 +43,7 @@ from torch import Tensor
 from escapelab.config import AnalysisOptions
 from escapelab.data import load_dataset, stratified_subset
 from escapelab.errors import EscapelabError
-from escapelab.metrics import GramView, dead_units, kmeans_labels
+from escapelab.metrics import GramView, dead_units, kmeans_labels, linear_cka
 from escapelab.metrics import condition_number_from_singular_values as _cond
 from escapelab.metrics import effective_rank_from_singular_values as _erank
 from escapelab.models import EscapeNet, build_model
@@ -168,8 +171,9 @@ def analyze(run_dir: Path | str, options: AnalysisOptions | None = None,
     with torch.no_grad():
         probe_shapes = template.forward_taps(torch.zeros(1, *data.input_shape), taps)
     sizes = {t: int(np.prod(probe_shapes[t].shape[1:])) for t in taps}
-    n_store = len(idx) + ((len(y_fit) + (len(y_score) if options.split != "test" else 0))
-                          if options.probe else 0)
+    teacher = _load(run, "T", template, device, dtype)[0] if "T" in available else None
+    n_store = 2 * len(idx) + ((len(y_fit) + (len(y_score) if options.split != "test" else 0))
+                              if options.probe else 0)  # 2x: the teacher's features too
     groups = _groups(sizes, n_store, options.memory_gb * 2**30)
     num_classes = derived.num_classes
     probe = cfg.probe  # the training-time probe's settings (C, tol, dtype, solver)
@@ -177,13 +181,12 @@ def analyze(run_dir: Path | str, options: AnalysisOptions | None = None,
     result = Analysis(layers=taps)
     t0 = time.perf_counter()
     for name in names:
-        tensors, meta = run.load_checkpoint(name)
-        model = copy.deepcopy(template)
-        model.load_state_dict(tensors)
-        model.to(device=device, dtype=dtype).eval()
+        model, meta = _load(run, name, template, device, dtype)
         result.checkpoints[name] = {"step": meta.get("step"), "kind": meta.get("kind")}
         for group in groups:
             feats = _collect(model, x_a, group, options.batch_size, device)
+            t_feats = (feats if name == "T" or teacher is None
+                       else _collect(teacher, x_a, group, options.batch_size, device))
             if options.probe:
                 f_fit = _collect(model, x_fit, group, options.batch_size, device)
                 f_score = (feats if options.split == "test"
@@ -192,6 +195,8 @@ def analyze(run_dir: Path | str, options: AnalysisOptions | None = None,
                 if progress is not None:
                     progress(name, tap)
                 values = _tap_metrics(feats[tap], y_a, num_classes, options)
+                if teacher is not None:
+                    values["cka_T"] = _cka(feats[tap], t_feats[tap])
                 if options.probe:
                     values["probe_acc"] = linear_probe_accuracy(
                         f_fit[tap].flatten(1), y_fit, f_score[tap].flatten(1), y_score,
@@ -200,12 +205,31 @@ def analyze(run_dir: Path | str, options: AnalysisOptions | None = None,
                 for metric, value in values.items():
                     result.rows.append({"checkpoint": name, "layer": tap, "metric": metric,
                                         "value": value})
-            del feats
+            del feats, t_feats
             if options.probe:
                 del f_fit, f_score
     _relative_to_teacher(result)
     write(run, result, options, time.perf_counter() - t0, len(idx))
     return result
+
+
+def _load(run: RunDir, name: str, template: EscapeNet, device: torch.device,
+          dtype: torch.dtype) -> tuple[EscapeNet, dict[str, Any]]:
+    """The network of checkpoint `name` in evaluation mode, and its metadata."""
+    tensors, meta = run.load_checkpoint(name)
+    model = copy.deepcopy(template)
+    model.load_state_dict(tensors)
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+def _cka(feats: Tensor, teacher: Tensor) -> float | None:
+    """Linear CKA of one tap's features with the teacher's (None if undefined: a layer
+    without variance, or non-finite features)."""
+    a, b = feats.flatten(1), teacher.flatten(1)
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return None
+    value = linear_cka(a, b)
+    return value if math.isfinite(value) else None
 
 
 def _tap_metrics(feats: Tensor, labels: np.ndarray, num_classes: int,

@@ -249,6 +249,11 @@ class TrainConfig(_Section):
                                 "student, as in the authors' code.")
     deterministic: bool = Field(False, description="Ask torch for deterministic GPU kernels "
                                 "(CPU runs are deterministic anyway).")
+    tf32: bool = Field(False, description="Let CUDA matmuls and cuDNN convolutions use TF32 "
+                       "(10-bit mantissa inputs). WARNING: it rounds weights ~1e-3 relative, "
+                       "so a student 1e-10 (or 1e-7) from its teacher computes exactly the "
+                       "teacher's outputs and the escape never starts. Off (the default): "
+                       "full float32 on every CUDA kernel. No effect on CPUs.")
 
 
 class ProbeConfig(_Section):
@@ -286,6 +291,49 @@ class ProbeConfig(_Section):
     test_samples: int | None = Field(None, ge=2, description="Score probes on a stratified "
                                      "subset of the test split of this size.")
     eval_batch_size: int = Field(1024, ge=1, description="Batch size of feature extraction.")
+
+
+class SharpnessConfig(_Section):
+    """Top Hessian eigenvalues of the training loss during the run (escapelab.sharpness):
+    Lanczos on Hessian-vector products over a fixed subset, written to
+    metrics/sharpness.jsonl. lambda_0 at the teacher (summary: lambda0, eta_lambda0) is
+    measured in every run, whether or not this is enabled."""
+
+    enabled: bool = Field(False, description="Measure the sharpness at the steps below "
+                          "(edge of stability: GD is stable along a curvature lambda only "
+                          "while lambda < 2/eta). Each measurement costs a few to max_hvp "
+                          "Hessian-vector products, each ~2.6 gradients of `samples` images. "
+                          "On by default in the digits preset: ~9 products and ~0.14 s per "
+                          "measurement there, +7 s (~+11%) for its 47 measurements.")
+    log_until: int = Field(100, ge=1, description="Measure at log-spaced steps up to here "
+                           "(the escape and collapse happen within ~50 steps at eta 3e4) ...")
+    log_points: int = Field(20, ge=1, description="... with this many log-spaced points ...")
+    every: int = Field(100, ge=1, description="... then every this many steps, and at the "
+                       "end. The defaults equal the probe's, so the collapse C is a "
+                       "measured step.")
+    samples: BatchSize = Field(256, description="Training images of the fixed subset "
+                               "(class-stratified, drawn once from the run's seed; all of "
+                               "them if there are fewer), or 'full'. The loss is their "
+                               "mean, as in training, so lambda compares with 2/eta at any "
+                               "batch size.")
+    k: int = Field(1, ge=1, description="Number of top eigenvalues.")
+    tol: float = Field(1e-3, gt=0, lt=1, description="Stop when each residual "
+                       "||Hv - lambda v|| <= tol * |lambda_1|: the eigenvalue is then within "
+                       "tol (usually tol^2) relative. 1e-3 is plenty to compare with 2/eta.")
+    max_hvp: int = Field(20, ge=1, description="Most Hessian-vector products per "
+                         "measurement (a cold Lanczos needs ~20 at 1e-6 on a conv net); "
+                         "records say whether the tolerance was reached.")
+    micro_batch_size: int | None = Field(None, ge=1, description="Images per double-backward "
+                                         "pass (memory only; same eigenvalues). Default: "
+                                         "data.micro_batch_size, else the whole subset "
+                                         "(with BatchNorm: the training micro-batch, "
+                                         "since batch statistics change the loss).")
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> SharpnessConfig:
+        if self.k > self.max_hvp:
+            raise ValueError(f"sharpness.k={self.k} needs sharpness.max_hvp >= k")
+        return self
 
 
 class CheckpointConfig(_Section):
@@ -344,6 +392,7 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    sharpness: SharpnessConfig = Field(default_factory=SharpnessConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logger: Annotated[LoggerConfig, BeforeValidator(_logger_name)] = Field(
         default_factory=LoggerConfig)
@@ -500,11 +549,13 @@ class Derived(_Section):
     total_steps: int
     epochs: float
     eval_steps: list[int]
+    sharpness_steps: list[int] = Field(default_factory=list)
     device: str
     teacher_seed: int
     student_seed: int
     data_seed: int
     probe_seed: int
+    sharpness_seed: int = 0
     config_sha256: str = Field("", description="SHA-256 of config.yaml as written at the "
                                "start; resume refuses a config that no longer matches it.")
 
@@ -568,12 +619,16 @@ def derive(cfg: Config, *, n_train: int, n_test: int, num_classes: int,
         epochs=total / steps_per_epoch,
         eval_steps=eval_schedule(total, cfg.probe.log_until, cfg.probe.log_points,
                                  cfg.probe.every) if cfg.probe.enabled else [],
+        sharpness_steps=eval_schedule(total, cfg.sharpness.log_until,
+                                      cfg.sharpness.log_points, cfg.sharpness.every)
+        if cfg.sharpness.enabled else [],
         device=device,
         teacher_seed=cfg.init.teacher_seed if cfg.init.teacher_seed is not None
         else stream_seed(cfg.seed, "teacher"),
         student_seed=stream_seed(cfg.seed, "student"),
         data_seed=stream_seed(cfg.seed, "data"),
         probe_seed=stream_seed(cfg.seed, "probe"),
+        sharpness_seed=stream_seed(cfg.seed, "sharpness"),
         config_sha256=config_digest(cfg),
     )
 

@@ -26,6 +26,11 @@ Detection rules (on each curve, per seed; documented in :func:`detect`):
 
 The paper (CIFAR-10, VGG11, 5 epochs at B=256) finds the supervised loss diverging near
 eta = 10 and the escape rising in two steps, the second near eta = 500.
+
+Each curve and seed also records lambda_0, the top Hessian eigenvalue of its loss at the
+teacher (:mod:`escapelab.sharpness`), the step size ``edge_lr`` = 2 / lambda_0 beyond
+which gradient descent cannot stay there, and eta * lambda_0 at the detected departure
+and divergence (Kalra and Barkeshli compare step sizes as c = eta * lambda_0).
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ def curve_config(base: Config, options: RangeOptions, curve: str, seed: int) -> 
         "seed": seed,
         "schedule.name": "exponential", "schedule.start_lr": options.start_lr,
         "optim.lr": options.end_lr, "probe.enabled": False, "checkpoint.every": 0,
+        "sharpness.enabled": False,  # lambda_0 at the teacher is measured anyway
         "train.steps": options.steps, "train.epochs": options.epochs,
         "train.max_loss": options.cap, "name": f"{base.name}-lr-range-{curve}",
     }
@@ -150,18 +156,29 @@ def run_lr_range(base: Config, out: Path | str, options: RangeOptions | None = N
             for r in steps:
                 rows.append({"curve": curve, "seed": seed, "step": r["step"], "lr": r["lr"],
                              "loss": r["loss"], "grad_norm": r["grad_norm"]})
-            per_seed[str(seed)] = {
-                "status": summary["status"],
-                **detect([r["lr"] for r in steps], [r["loss"] for r in steps],
-                         options.window, options.start_steps, options.depart_factor,
-                         options.diverge_factor, options.floor,
-                         ended_early=summary["status"] == "capped"),
-            }
+            found = detect([r["lr"] for r in steps], [r["loss"] for r in steps],
+                           options.window, options.start_steps, options.depart_factor,
+                           options.diverge_factor, options.floor,
+                           ended_early=summary["status"] == "capped")
+            per_seed[str(seed)] = {"status": summary["status"], **found,
+                                   **_curvature(summary["lambda0"], found)}
         detected[curve] = {"seeds": per_seed, **_aggregate(per_seed)}
     payload = {"options": options.model_dump(mode="json"), "rules": _RULES,
                "curves": detected, "band": _band(rows, curves)}
     folder.write(_csv_text(rows), payload)
     return payload
+
+
+def _curvature(lambda0: float | None, found: dict[str, Any]) -> dict[str, Any]:
+    """lambda_0, the edge 2 / lambda_0, and eta * lambda_0 at departure and divergence."""
+    out: dict[str, Any] = {"lambda0": lambda0, "edge_lr": None, "depart_eta_lambda0": None,
+                           "diverge_eta_lambda0": None}
+    if lambda0 is not None and lambda0 > 0:
+        out["edge_lr"] = 2.0 / lambda0
+        for key in ("depart", "diverge"):
+            lr = found[f"{key}_lr"]
+            out[f"{key}_eta_lambda0"] = lr * lambda0 if lr is not None else None
+    return out
 
 
 _RULES = ("losses below `floor` count as `floor`; starting band: [min, max] of log10 loss "

@@ -379,6 +379,89 @@ def fisher_separability(X: ArrayLike, labels: ArrayLike, rtol: float | None = No
     return GramView(X).fisher(labels, rtol)
 
 
+def linear_cka(X: ArrayLike, Y: ArrayLike, debiased: bool = False) -> float:
+    """Linear CKA (Kornblith et al. 2019) between X (n, d1) and Y (n, d2), rows the same
+    n samples; both are centered first:
+
+        CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)),  K = X_c X_c^T, L = Y_c Y_c^T,
+
+    where the (biased) HSIC(K, L) ~ tr(K L) = ||X_c^T Y_c||_F^2. In [0, 1]; 1 for
+    identical features; invariant to orthogonal transforms and isotropic scaling of
+    either input, not to general linear maps. ``debiased``: the unbiased HSIC estimator
+    of Song et al. (2012) instead (Nguyen, Raghu & Kornblith 2021), which removes the
+    bias of CKA toward 1 for wide features on few samples (it can then fall slightly
+    below 0 for unrelated features); with a_i = ||x_c,i||^2 and
+    b_i = ||y_c,i||^2 it reduces on centered features to
+
+        n (n - 3) HSIC_u(K, L) = tr(K L) - n/(n-2) a.b + (sum a)(sum b) / ((n-1)(n-2))
+
+    (reference.py writes out Song's formula on the uncentered Gram matrices). NaN if
+    either input has no variance (or, debiased, n < 4).
+
+    Float64, from the smaller Gram matrices: the d1 x d2 cross-covariance and the d x d
+    covariances when d1, d2 <= n (row chunks), else the n x n Gram matrices (column
+    chunks); no float64 copy of X or Y is formed.
+    """
+    x, y = _as_tensor(X), _as_tensor(Y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"X and Y must have the same rows (samples), got {x.shape[0]} "
+                         f"and {y.shape[0]}")
+    n = x.shape[0]
+    if n < (4 if debiased else 2):
+        return math.nan
+    y = y.to(x.device)
+    mx, my = _column_mean(x), _column_mean(y)
+    if max(x.shape[1], y.shape[1]) <= n:  # feature route: covariances
+        cross = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
+        gx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        gy = torch.zeros(y.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
+        a = torch.zeros(n, dtype=torch.float64, device=x.device)
+        b = torch.zeros_like(a)
+        step = max(1, CHUNK_BYTES // (8 * max(x.shape[1], y.shape[1], 1)))
+        for i in range(0, n, step):
+            xc = x[i:i + step].to(torch.float64) - mx
+            yc = y[i:i + step].to(torch.float64) - my
+            cross.addmm_(xc.T, yc)
+            gx.addmm_(xc.T, xc)
+            gy.addmm_(yc.T, yc)
+            a[i:i + step] = (xc * xc).sum(1)
+            b[i:i + step] = (yc * yc).sum(1)
+        kl, kk, ll = (float((m * m).sum()) for m in (cross, gx, gy))
+    else:  # sample route: n x n Gram matrices
+        gx, a = _sample_gram(x, mx)
+        gy, b = _sample_gram(y, my)
+        kl, kk, ll = (float((p * q).sum()) for p, q in ((gx, gy), (gx, gx), (gy, gy)))
+    if debiased:
+        sa, sb = float(a.sum()), float(b.sum())
+        kl = kl - n / (n - 2) * float(a @ b) + sa * sb / ((n - 1) * (n - 2))
+        kk = kk - n / (n - 2) * float(a @ a) + sa * sa / ((n - 1) * (n - 2))
+        ll = ll - n / (n - 2) * float(b @ b) + sb * sb / ((n - 1) * (n - 2))
+    if not (kk > 0 and ll > 0):
+        return math.nan
+    return kl / math.sqrt(kk * ll)
+
+
+def _column_mean(x: Tensor) -> Tensor:
+    """The float64 column mean (d,) of x (n, d), row chunk by row chunk."""
+    n, d = x.shape
+    mean = torch.zeros(d, dtype=torch.float64, device=x.device)
+    step = max(1, CHUNK_BYTES // (8 * max(d, 1)))
+    for i in range(0, n, step):
+        mean += x[i:i + step].to(torch.float64).sum(0)
+    return mean / max(n, 1)
+
+
+def _sample_gram(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """(K_c = (X - mu)(X - mu)^T (n, n), its diagonal) in float64, by column chunks."""
+    n, d = x.shape
+    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    step = max(1, CHUNK_BYTES // (8 * max(n, 1)))
+    for j in range(0, d, step):
+        xc = x[:, j:j + step].to(torch.float64) - mean[j:j + step]
+        gram.addmm_(xc, xc.T)
+    return gram, gram.diagonal().clone()
+
+
 def kmeans_labels(X: ArrayLike, k: int, seed: int = 0) -> np.ndarray:
     """Cluster assignments (n,) of k-means (scikit-learn, k-means++, 4 restarts) on X:
     labels for the label-free separability variant (paper footnote 1)."""

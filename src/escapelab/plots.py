@@ -154,6 +154,51 @@ def loss_grad_figure(series: dict[str, list[dict[str, Any]]],
     return drawable(fig)
 
 
+def sharpness_figure(steps: list[dict[str, Any]], sharpness: list[dict[str, Any]],
+                     lambda0: float | None = None, collapse_step: int | None = None,
+                     ) -> Figure:
+    """Training loss, full-gradient norm and the top Hessian eigenvalues over steps,
+    stacked on one step axis, with the edge of stability 2/eta_k (from each step's step
+    size) dashed on the eigenvalue panel, lambda_0 at the teacher dotted and the
+    collapse step as a vertical line on every panel.
+
+    `steps`: records of metrics/steps.jsonl; `sharpness`: the student's records of
+    metrics/sharpness.jsonl (eigenvalues descending)."""
+    fig, (ax_loss, ax_grad, ax_eig) = _figure(nrows=3, height=2.6)
+    x = [r["step"] for r in steps]
+    for ax, key, color in ((ax_loss, "loss", "#1f77b4"), (ax_grad, "grad_norm", "#ff7f0e")):
+        xs, ys = _finite(x, [r[key] for r in steps], positive=True)
+        ax.plot(xs, ys, color=color, linewidth=1.0, gid=key)
+    k = max((len(r["eigenvalues"]) for r in sharpness), default=0)
+    for i, color in zip(range(k), _colors(k, "viridis"), strict=True):
+        xs, ys = _finite([r["step"] for r in sharpness],
+                         [r["eigenvalues"][i] if i < len(r["eigenvalues"]) else None
+                          for r in sharpness], positive=True)
+        ax_eig.plot(xs, ys, color="#d62728" if i == 0 else color, marker=".",
+                    linewidth=1.2 if i == 0 else 0.8, label=f"lambda_{i + 1}",
+                    gid=f"lambda_{i + 1}")
+    xs, ys = _finite(x, [2.0 / r["lr"] if r.get("lr") else None for r in steps],
+                     positive=True)
+    ax_eig.plot(xs, ys, color="black", linestyle="--", linewidth=1.0, label="2 / eta",
+                gid="two_over_eta")
+    if lambda0 is not None and math.isfinite(lambda0) and lambda0 > 0:
+        ax_eig.axhline(lambda0, color="#6b6b6b", linestyle=":", linewidth=1.0,
+                       label=f"lambda_0 at the teacher ({lambda0:.3g})", gid="lambda0")
+    right = max([*x, *(r["step"] for r in sharpness), 1])
+    for ax, label in ((ax_loss, "training loss"), (ax_grad, "full-gradient norm"),
+                      (ax_eig, "top Hessian eigenvalue")):
+        if collapse_step is not None:
+            ax.axvline(collapse_step, color="#d62728", alpha=0.4, linewidth=1.0,
+                       gid="collapse")
+        ax.set_yscale("log")
+        ax.set_ylabel(f"{label} (log)")
+        _steps_axis(ax)
+        ax.set_xlim(0, right)  # one step axis for the three panels
+    ax_loss.set_title("Loss, gradient norm and sharpness against 2/eta")
+    ax_eig.legend(fontsize=8)
+    return drawable(fig)
+
+
 def probe_over_steps_figure(series: dict[str, tuple[list[int], list[float | None]]],
                             teacher: float | None, title: str,
                             diverged: dict[str, bool] | None = None,

@@ -94,7 +94,7 @@ from torch import Tensor
 from escapelab.config import ProbeConfig
 from escapelab.data import Dataset, stratified_subset
 from escapelab.losses import LossFn
-from escapelab.metrics import dead_units, effective_rank
+from escapelab.metrics import dead_units, effective_rank, linear_cka
 from escapelab.models import EscapeNet
 
 Solver = Literal["torch", "sklearn"]
@@ -476,7 +476,10 @@ class Evaluator:
     ``targets`` are the training loss's targets on the probe's train samples (teacher
     outputs, or labels for supervised losses), so that ``loss`` is the training
     objective on those samples. ``last_fit`` is the latest linear probe (the warm
-    start of the next one when ``cfg.warm_start``).
+    start of the next one when ``cfg.warm_start``). ``teacher_features`` are the teacher's
+    encoder outputs on the same samples, computed once: ``cka_teacher`` is the linear CKA
+    between them and the network's (1 at the teacher; how much of the teacher's
+    representation survives the escape, up to rotation and scale).
     """
 
     data: Dataset
@@ -486,6 +489,7 @@ class Evaluator:
     test_idx: Tensor
     targets: Tensor | None = None
     last_fit: LogisticFit | None = None
+    teacher_features: Tensor | None = None
 
     @classmethod
     def build(cls, data: Dataset, cfg: ProbeConfig, loss_fn: LossFn, seed: int) -> Evaluator:
@@ -519,6 +523,9 @@ class Evaluator:
             weight=tensors["probe.weight"].to(device), bias=tensors["probe.bias"].to(device),
             n_iter=0, objective=math.nan, grad_max=math.nan, converged=False)
 
+    def set_teacher_features(self, features: Tensor) -> None:
+        self.teacher_features = features
+
     def __call__(self, model: EscapeNet) -> dict[str, Any]:
         cfg = self.cfg
         x_tr = self.data.x_train[self.train_idx]
@@ -539,6 +546,8 @@ class Evaluator:
             "erank": effective_rank(f_tr) if finite else None,
             "dead_frac": dead_units(f_tr) / f_tr.shape[1],
         }
+        if self.teacher_features is not None:
+            record["cka_teacher"] = linear_cka(f_tr, self.teacher_features) if finite else None
         if self.targets is not None:
             with torch.no_grad():
                 record["loss"] = float(self.loss_fn(out_tr, self.targets))

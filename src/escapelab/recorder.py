@@ -1,12 +1,13 @@
 """What the training loop writes, through one object.
 
-The loop hands every step record, evaluation, checkpoint and status change to a
-:class:`Recorder`, which owns the run directory's writing side: it buffers step records
-(turning their device tensors into floats in one host sync per flush), fsyncs them
-before any checkpoint that counts them, and keeps the writer's heartbeat in
-status.json fresh. Whatever it writes it also hands to a live logger
-(:mod:`escapelab.loggers`: TensorBoard or W&B, when the config asks for one), after the
-files, so the mirror never holds a record the run directory lacks. Ranks other than 0
+The loop hands every step record, evaluation, sharpness measurement, checkpoint and
+status change to a :class:`Recorder`, which owns the run directory's writing side: it
+buffers step records (turning their device tensors into floats in one host sync per
+flush), fsyncs them before any checkpoint that counts them, and keeps the writer's
+heartbeat in status.json fresh. Steps, evaluations and the summary are also handed to a
+live logger (:mod:`escapelab.loggers`: TensorBoard or W&B, when the config asks for
+one), after the files, so the mirror never holds a record the run directory lacks
+(sharpness records are not mirrored yet; the summary carries lambda0). Ranks other than 0
 under torchrun get a :class:`NullRecorder`, which does nothing, so the loop has no
 `if main` branches.
 """
@@ -22,6 +23,7 @@ import torch
 from escapelab.loggers import Logger, NullLogger
 from escapelab.models import EscapeNet
 from escapelab.probe import Evaluator
+from escapelab.sharpness import Sharpness
 from escapelab.store import RESUME_CHECKPOINT, RunDir, RunState, Summary
 
 FLUSH_EVERY = 200  # step records buffered at most
@@ -31,9 +33,11 @@ HEARTBEAT_S = 30.0  # status.json's heartbeat is at most this old while the run 
 class Recorder:
     """Writes one run directory as it trains (rank 0)."""
 
-    def __init__(self, run: RunDir, total_steps: int, evaluator: Evaluator) -> None:
+    def __init__(self, run: RunDir, total_steps: int, evaluator: Evaluator,
+                 sharpness: Sharpness) -> None:
         self.run = run
         self.evaluator = evaluator
+        self.sharpness = sharpness
         self.total_steps = total_steps
         self.pending: list[dict[str, Any]] = []
         self.beat = 0.0
@@ -81,6 +85,18 @@ class Recorder:
         self.log_eval(record)
         return record
 
+    def measure_sharpness(self, model: EscapeNet, step: int, wall_s: float | None,
+                          teacher: bool = False) -> dict[str, Any] | None:
+        """Measure the top Hessian eigenvalues of the training loss at `model` and write
+        the record to metrics/sharpness.jsonl (None on other ranks). `teacher`:
+        lambda_0, with Gauss-Newton products where they are exact."""
+        result = self.sharpness.at_teacher(model) if teacher else self.sharpness.measure(model)
+        record = {"model": "teacher" if teacher else "student", "step": step, **result,
+                  "wall_s": wall_s}
+        self.flush()
+        self.run.append_sharpness([record])
+        return record
+
     def checkpoint(self, name: str, tensors: dict[str, torch.Tensor],
                    meta: dict[str, Any]) -> None:
         self.flush()  # the records a checkpoint refers to are on disk first
@@ -94,7 +110,8 @@ class Recorder:
     def records_written(self) -> dict[str, int]:
         """How many step and evaluation records are on disk (after a flush)."""
         self.flush()
-        return {"steps": len(self.run.steps()), "evals": len(self.run.evals())}
+        return {"steps": len(self.run.steps()), "evals": len(self.run.evals()),
+                "sharpness": len(self.run.sharpness())}
 
     def status(self, state: RunState, **fields: Any) -> None:
         """status.json, with a fresh heartbeat; `resumable` unless said otherwise."""
@@ -145,6 +162,10 @@ class NullRecorder(Recorder):
         pass
 
     def evaluate(self, model: EscapeNet, step: int, wall_s: float) -> dict[str, Any] | None:
+        return None
+
+    def measure_sharpness(self, model: EscapeNet, step: int, wall_s: float | None,
+                          teacher: bool = False) -> dict[str, Any] | None:
         return None
 
     def checkpoint(self, name: str, tensors: dict[str, torch.Tensor],

@@ -127,6 +127,39 @@ def fisher(x: Any, y: Any, rtol: float | None = None) -> dict[str, float]:
             "discriminant_rank": rank}
 
 
+# -- similarity (linear CKA) -----------------------------------------------------------------
+
+
+def hsic(k: np.ndarray, l_: np.ndarray) -> float:
+    """Biased HSIC of two n x n kernel matrices: tr(K H L H) / (n - 1)^2, H = I - 11^T/n
+    (Gretton et al. 2005)."""
+    n = len(k)
+    h = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(k @ h @ l_ @ h)) / (n - 1) ** 2
+
+
+def hsic_unbiased(k: np.ndarray, l_: np.ndarray) -> float:
+    """Song et al. (2012)'s unbiased HSIC, with K~, L~ the kernels with zeroed diagonal:
+    [tr(K~ L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n (n-3))."""
+    n = len(k)
+    kt = k - np.diag(np.diag(k))
+    lt = l_ - np.diag(np.diag(l_))
+    one = np.ones(n)
+    return float(np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+                 - 2.0 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3))
+
+
+def linear_cka(x: Any, y: Any, debiased: bool = False) -> float:
+    """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) with the linear kernels K = X X^T and
+    L = Y Y^T of the raw (uncentered) features: HSIC centers them itself (biased) or
+    does not need to (unbiased, translation invariant)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    k, l_ = x @ x.T, y @ y.T
+    f = hsic_unbiased if debiased else hsic
+    return f(k, l_) / math.sqrt(f(k, k) * f(l_, l_))
+
+
 # -- losses (paper Sec. 2 and App. A) -------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import html
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class RunData:
     teacher: dict[str, Any] | None
     analysis: dict[str, Any] | None
     state: str = ""  # what the run is doing (running, dead, interrupted, ...)
+    sharpness: list[dict[str, Any]] = field(default_factory=list)  # student measurements
+    lambda0: float | None = None  # top Hessian eigenvalue at the teacher
 
     @property
     def diverged(self) -> bool:
@@ -65,6 +67,7 @@ def load_run(path: Path) -> RunData:
     run = RunDir.open(path)
     evals = run.evals()
     summary = run.summary()
+    sharpness = run.sharpness()
     return RunData(
         path=path,
         config_text=run.config_text(),
@@ -74,6 +77,8 @@ def load_run(path: Path) -> RunData:
         teacher=next((r for r in evals if r.get("model") == "teacher"), None),
         analysis=run.analysis(),
         state=run.state_text(),
+        sharpness=[r.model_dump() for r in sharpness if r.model == "student"],
+        lambda0=next((r.top for r in sharpness if r.model == "teacher"), None),
     )
 
 
@@ -102,6 +107,17 @@ CAPTIONS = {
              "descent, a gradient norm that grows until it oscillates before the probe "
              "accuracy recovers (paper Fig. 1b). Steps where the student still equals the "
              "teacher exactly (loss and gradient 0) cannot appear on the log scale.",
+    "fig1b_sharpness": "Training loss, full-gradient norm and the top eigenvalue of the "
+                       "training loss's Hessian (Lanczos on a fixed subset, "
+                       "metrics/sharpness.jsonl) on one step axis; dashed: the edge of "
+                       "stability 2/eta (per step if the step size varies); dotted: "
+                       "lambda_0 at the teacher; vertical line: the collapse C. GD is "
+                       "stable along a curvature lambda only while lambda < 2/eta: a "
+                       "teacher with eta * lambda_0 > 2 cannot hold the student. Look for "
+                       "the edge-of-stability signature (Cohen et al. 2021): the top "
+                       "eigenvalue rising to and hovering near 2/eta while the gradient "
+                       "norm oscillates. The paper (Sec. 4) asks whether the escape "
+                       "relates to it.",
     "fig1c": "Linear-probe accuracy of the student's encoder over training, one line per "
              "step size (mean over seeds); dashed: the teacher. The paper sees no progress "
              "at eta = 32, then a collapse (accuracy drops) followed by recovery above the "
@@ -142,7 +158,15 @@ CAPTIONS = {
             "drives every encoder unit dead once the step size passes ~1e3, warm-up or not "
             "(a collapse without recovery); N-MSE is the stable choice there.",
     "extra_eval": "Further series measured at each evaluation: kNN accuracy, effective "
-                  "rank and dead-unit fraction of the encoder output; dashed: the teacher.",
+                  "rank and dead-unit fraction of the encoder output, and its linear CKA "
+                  "with the teacher's encoder output on the same images; dashed: the "
+                  "teacher.",
+    "extra_cka_teacher": "Linear CKA (Kornblith et al. 2019) between each layer's "
+                         "features and the teacher's at the same layer, on the same "
+                         "images (dashed: 1 = the teacher itself). Invariant to rotations "
+                         "and scale: low values mean the layer's representation is no "
+                         "longer the teacher's in any rotated or rescaled form. Not in the "
+                         "paper; it asks how far the escape moves each layer.",
     "extra_distance": "Distance of the student's parameters to the teacher's, "
                       "||theta - theta_T||, after each step: it starts at the realized "
                       "1e-10 offset and jumps by many orders of magnitude at the escape.",
@@ -160,6 +184,11 @@ def run_figures(data: RunData) -> list[Drawn]:
         out.append(Drawn("fig1b_loss_grad", "Training loss and gradient norm",
                          CAPTIONS["fig1b"], plots.loss_grad_figure(
                              {label: data.steps}, {label: data.diverged})))
+        if data.sharpness:
+            collapse = data.summary.get("collapse_step") if data.summary else None
+            out.append(Drawn("fig1b_sharpness", "Loss, gradient norm and sharpness against "
+                             "2/eta", CAPTIONS["fig1b_sharpness"], plots.sharpness_figure(
+                                 data.steps, data.sharpness, data.lambda0, collapse)))
         out.append(Drawn("extra_distance", "Distance to the teacher", CAPTIONS[
             "extra_distance"], plots.eval_series_figure(
                 data.steps, None, [("dist_teacher", "||theta - theta_T||", True)])))
@@ -176,7 +205,8 @@ def run_figures(data: RunData) -> list[Drawn]:
                              data.evals, data.teacher,
                              [("knn_acc", "kNN accuracy (k=20)", False),
                               ("erank", "encoder effective rank", False),
-                              ("dead_frac", "dead encoder units", False)])))
+                              ("dead_frac", "dead encoder units", False),
+                              ("cka_teacher", "linear CKA with the teacher", False)])))
     if data.analysis is not None:
         out.extend(analysis_figures(data.analysis))
     return out
@@ -209,6 +239,8 @@ def analysis_figures(analysis: dict[str, Any]) -> list[Drawn]:
          "k-means tr(pinv(S_w) S_b) / teacher's (log)", True, False, 1.0, "fig3b_kmeans"),
         ("fig3c_layer_probe", "probe_acc", "Layerwise linear probe (Fig. 3c)",
          "linear probe accuracy (%)", False, True, None, "fig3c"),
+        ("extra_cka_teacher", "cka_T", "Linear CKA with the teacher per layer",
+         "linear CKA with T at the same tap", False, False, 1.0, "extra_cka_teacher"),
     ]
     out = []
     for fid, metric, title, ylabel, log, pct, ref, caption in specs:
@@ -362,7 +394,8 @@ def _layer_table(analysis: dict[str, Any]) -> str:
     names = [n for n in ("T", "C", "S") if n in analysis["checkpoints"]]
     metrics = [("erank", "erank", False), ("dead_frac", "dead", True),
                ("condition_number", "cond", False),
-               ("discriminant_rel_teacher", "disc/T", False), ("probe_acc", "probe", True)]
+               ("discriminant_rel_teacher", "disc/T", False), ("probe_acc", "probe", True),
+               ("cka_T", "CKA/T", False)]
     present = {r["metric"] for r in analysis["rows"]}
     metrics = [m for m in metrics if m[0] in present]
     header = ["layer"] + [f"{short} {n}" for _, short, _ in metrics for n in names]

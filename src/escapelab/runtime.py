@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 import torch
 
@@ -116,13 +117,32 @@ def denormals_flushed(enabled: bool) -> Iterator[None]:
         torch.set_flush_denormal(before)
 
 
-def setup_torch(threads: int | None, deterministic: bool, device: str) -> torch.device:
-    """Apply the run's thread count and determinism request; return its device."""
+def setup_torch(threads: int | None, deterministic: bool, device: str,
+                tf32: bool = False) -> torch.device:
+    """Apply the run's thread count, determinism request and TF32 choice (off unless
+    asked: :func:`set_tf32`); return its device."""
     if threads:
         torch.set_num_threads(threads)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    set_tf32(tf32)
     return resolve_device(device)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions, set explicitly both ways. PyTorch
+    enables it for cuDNN convolutions by default, which rounds a float32 student's
+    weights to 10 mantissa bits and erases a 1e-10 offset from the teacher."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+
+
+def tf32_state() -> dict[str, Any]:
+    """The TF32 settings in effect, for environment.json."""
+    return {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 class StopSignals:

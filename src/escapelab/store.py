@@ -11,6 +11,8 @@ directory::
                              diverged / capped, last step, writer PID + host + heartbeat
     metrics/steps.jsonl      one line per SGD step
     metrics/evals.jsonl      one line per evaluation (teacher once, student on schedule)
+    metrics/sharpness.jsonl  top Hessian eigenvalues: lambda_0 at the teacher once, the
+                             student on the sharpness schedule (escapelab.sharpness)
     checkpoints/T|C|S|step_<k>.safetensors + .json   weights + metadata
     checkpoints/last.safetensors + .json             resumable training state
     summary.json             written last: its presence means the run finished
@@ -61,6 +63,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from escapelab.config import Config, Derived, config_digest, dump_yaml, load_config
 from escapelab.errors import ConfigError, RunDirError
+from escapelab.runtime import tf32_state
 
 # -- the layout: every file name escapelab writes ------------------------------------------
 
@@ -72,6 +75,7 @@ STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 STEPS_FILE = "metrics/steps.jsonl"
 EVALS_FILE = "metrics/evals.jsonl"
+SHARPNESS_FILE = "metrics/sharpness.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 ANALYSIS_CSV = "analysis.csv"
@@ -280,6 +284,27 @@ class Status(_Record):
     heartbeat: float | None = None  # Unix time of the writer's last sign of life
 
 
+class SharpnessRecord(_Record):
+    """One line of metrics/sharpness.jsonl: a measurement of the top-k eigenvalues of
+    the training loss's Hessian on the fixed sharpness subset (escapelab.sharpness)."""
+
+    model: Literal["teacher", "student"]
+    step: int
+    method: Literal["hessian", "gauss_newton"]  # Gauss-Newton: lambda_0 of squared losses
+    eigenvalues: list[float | None]  # descending; null if not finite
+    residuals: list[float | None]  # ||H v - lambda v|| per eigenvector (unit v)
+    hvp: int  # Hessian (or Gauss-Newton) vector products spent
+    converged: bool  # every residual <= tol * |lambda_1| within max_hvp products
+    loss: float | None = None  # the subset's training loss at this point
+    samples: int  # images in the subset
+    seconds: float  # wall time of the measurement
+    wall_s: float | None = None  # the run's elapsed time (student records)
+
+    @property
+    def top(self) -> float | None:
+        return self.eigenvalues[0] if self.eigenvalues else None
+
+
 class Summary(_Record):
     """summary.json: the run's headline numbers (accuracies are fractions in [0, 1]).
 
@@ -309,6 +334,10 @@ class Summary(_Record):
     dead_frac_final: float | None = None
     loss_init: float | None = None
     loss_final: float | None = None
+    lambda0: float | None = None  # top Hessian eigenvalue at the teacher (sharpness.jsonl)
+    eta_lambda0: float | None = None  # optim.lr * lambda0: GD leaves the teacher if > 2
+    lambda_max: float | None = None  # largest top eigenvalue measured during the run
+    lambda_final: float | None = None  # top eigenvalue at the last measurement
     offset_realized: float | None = None
     offset_ratio: float | None = None
     changed_frac: float | None = None
@@ -568,6 +597,24 @@ class RunDir:
         """metrics/evals.jsonl: the teacher's evaluation, then the student's."""
         return read_jsonl(self.path / EVALS_FILE)
 
+    def sharpness(self) -> list[SharpnessRecord]:
+        """metrics/sharpness.jsonl: lambda_0 at the teacher, then the student's
+        measurements (empty if absent). A line that is valid JSON but not a
+        measurement is skipped with a :class:`RunDirWarning`."""
+        path = self.path / SHARPNESS_FILE
+        out = []
+        for number, record in enumerate(read_jsonl(path), 1):
+            try:
+                out.append(SharpnessRecord.model_validate(record))
+            except ValidationError as exc:
+                warnings.warn(f"{path}: record {number} is not a sharpness measurement "
+                              f"({exc.errors()[0]['msg']}); skipped", RunDirWarning,
+                              stacklevel=2)
+        return out
+
+    def teacher_sharpness(self) -> SharpnessRecord | None:
+        return next((r for r in self.sharpness() if r.model == "teacher"), None)
+
     def teacher_eval(self) -> dict[str, Any] | None:
         return next((r for r in self.evals() if r.get("model") == "teacher"), None)
 
@@ -607,14 +654,20 @@ class RunDir:
     def append_evals(self, records: Iterable[dict[str, Any]]) -> None:
         append_jsonl(self.path / EVALS_FILE, records)
 
+    def append_sharpness(self, records: Iterable[dict[str, Any]]) -> None:
+        append_jsonl(self.path / SHARPNESS_FILE, records)
+
     def rewind(self, step: int) -> dict[str, int]:
         """Keep the records up to `step` (resume recomputes the rest). Damaged lines are
         moved to ``<file>.damaged`` with a warning, never dropped. Returns the number of
         records kept per file."""
         kept = {}
+        def teacher_or_early(r: dict[str, Any]) -> bool:
+            return r.get("model") == "teacher" or r.get("step", math.inf) <= step
+
         for name, keep in ((STEPS_FILE, lambda r: r.get("step", math.inf) <= step),
-                           (EVALS_FILE, lambda r: r.get("model") == "teacher"
-                            or r.get("step", math.inf) <= step)):
+                           (EVALS_FILE, teacher_or_early),
+                           (SHARPNESS_FILE, teacher_or_early)):
             path = self.path / name
             records, damaged = scan_jsonl(path)
             if damaged:
@@ -650,11 +703,13 @@ class RunDir:
     def save_checkpoint(self, name: str, tensors: dict[str, torch.Tensor],
                         meta: dict[str, Any]) -> None:
         """Weights as safetensors plus a JSON sidecar, both written atomically."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        _atomic_write(self.checkpoint_path(name), lambda tmp: save_file(
-            contiguous, str(tmp), metadata={"name": name, "format": "escapelab"}))
+        # Serialized in memory, written by Python: a full disk is an OSError (one line),
+        # not safetensors' own error type.
+        blob = save(contiguous, metadata={"name": name, "format": "escapelab"})
+        _atomic_write(self.checkpoint_path(name), lambda tmp: tmp.write_bytes(blob))
         write_json(self.checkpoint_path(name).with_suffix(".json"), {"name": name, **meta})
 
     def load_checkpoint(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -818,6 +873,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "host": socket.gethostname(),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        "tf32": tf32_state(),
         "git_sha": None,
         "git_dirty": None,
     }
@@ -838,5 +894,5 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-__all__ = ["RunDir", "SweepDir", "RangeDir", "Status", "Summary", "RunLock", "config_digest",
-           "config_changes"]
+__all__ = ["RunDir", "SweepDir", "RangeDir", "Status", "Summary", "SharpnessRecord", "RunLock",
+           "config_digest", "config_changes"]

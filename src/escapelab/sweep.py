@@ -63,9 +63,11 @@ from escapelab.store import SweepDir
 PHASE_MARGIN = 0.005  # half a point of probe accuracy
 SUMMARY_FIELDS = ("status", "teacher_probe_acc", "min_probe_acc", "final_probe_acc", "gain",
                   "collapse_depth", "escape_step", "collapse_step", "erank_teacher",
-                  "erank_collapse", "erank_final", "steps_completed", "wall_s")
+                  "erank_collapse", "erank_final", "lambda0", "eta_lambda0", "lambda_final",
+                  "steps_completed", "wall_s")
 AGGREGATED = ("teacher_probe_acc", "min_probe_acc", "final_probe_acc", "gain",
-              "collapse_depth", "escape_step", "erank_collapse", "erank_final")
+              "collapse_depth", "escape_step", "erank_collapse", "erank_final", "lambda0",
+              "eta_lambda0")
 
 
 # ---------------------------------------------------------------------------------------

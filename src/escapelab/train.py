@@ -4,7 +4,9 @@ One explicit loop (paper Sec. 2, eq. 3): theta^(k) = theta^(k-1) - eta_k * grad 
 batch k, with plain SGD. Step k's record holds the loss and the norm of the full
 (accumulated) gradient at theta^(k-1) on batch k, the step size eta_k, and
 ||theta^(k) - theta_T|| after the update. The evaluation "at step k" measures theta^(k);
-step 0 is the student's initialization.
+step 0 is the student's initialization. Sharpness (the top Hessian eigenvalues of the
+training loss, :mod:`escapelab.sharpness`) is measured at lambda_0 = the teacher before
+the first step and, if enabled, at theta^(k) on its own schedule.
 
 A non-finite loss or gradient stops the run before the update is applied: the run
 ends as ``diverged`` with every record, the last finite weights (as checkpoint S) and a
@@ -44,6 +46,7 @@ from escapelab.runtime import (
     setup_torch,
 )
 from escapelab.schedules import lr_at
+from escapelab.sharpness import Sharpness
 from escapelab.store import (
     CONFIG_FILE,
     RESUME_CHECKPOINT,
@@ -225,11 +228,13 @@ class TrainState:
 
     @staticmethod
     def restore(tensors: dict[str, Tensor], student: EscapeNet, sampler: BatchSampler,
-                optimizer: torch.optim.Optimizer, evaluator: Evaluator) -> None:
+                optimizer: torch.optim.Optimizer, evaluator: Evaluator,
+                sharpness: Sharpness) -> None:
         student.load_state_dict({k[len("student."):]: v for k, v in tensors.items()
                                  if k.startswith("student.")})
         sampler.load(tensors)
-        evaluator.load_state(tensors)
+        evaluator.load_state(tensors)  # the probe's warm start
+        sharpness.load(tensors)  # the warm start of the next measurement
         for i, p in enumerate(optimizer.param_groups[0]["params"]):
             if f"momentum.{i}" in tensors:
                 optimizer.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(p)
@@ -252,13 +257,15 @@ class Setup:
     loss_fn: LossFn
     targets: Tensor | None
     evaluator: Evaluator
+    sharpness: Sharpness
     device: torch.device
     ranks: Ranks
 
 
 def build(cfg: Config) -> Setup:
     """Data, teacher, student, loss and evaluator for `cfg` (no training)."""
-    device = setup_torch(cfg.train.threads, cfg.train.deterministic, cfg.device)
+    device = setup_torch(cfg.train.threads, cfg.train.deterministic, cfg.device,
+                         cfg.train.tf32)
     ranks = init_ranks(device)
     dtype = getattr(torch, cfg.dtype)
     data_cpu = load_dataset(cfg.data)
@@ -278,11 +285,17 @@ def build(cfg: Config) -> Setup:
         targets = extract(teacher, data.x_train, cfg.probe.eval_batch_size)[1]
     # The probe's loss is computed with the same extraction chunks for teacher and
     # student, so both see identically shaped batches.
-    x_probe = data.x_train[evaluator.train_idx]
+    teacher_features, teacher_out = extract(teacher, data.x_train[evaluator.train_idx],
+                                            cfg.probe.eval_batch_size)
     evaluator.set_targets(data.y_train[evaluator.train_idx] if cfg.loss.supervised
-                          else extract(teacher, x_probe, cfg.probe.eval_batch_size)[1])
+                          else teacher_out)
+    evaluator.set_teacher_features(teacher_features)
+    # Batch statistics make the loss depend on the micro-batch: measure it as trained.
+    chunk = derived.micro_batch_size if cfg.model.batch_norm else cfg.data.micro_batch_size
+    sharpness = Sharpness.build(cfg.sharpness, loss_fn, cfg.loss.name, data.x_train,
+                                data.y_train, targets, teacher, chunk, derived.sharpness_seed)
     return Setup(cfg, derived, data, teacher, student, template, loss_fn, targets, evaluator,
-                 device, ranks)
+                 sharpness, device, ranks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,7 +330,8 @@ def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
                              TrainState(0, Tracker()), signals, None)
             if not run.created:
                 run.fresh.reset()  # --overwrite: the old run goes only now
-            recorder = Recorder(run.fresh, setup.derived.total_steps, setup.evaluator)
+            recorder = Recorder(run.fresh, setup.derived.total_steps, setup.evaluator,
+                                setup.sharpness)
             with _failures_recorded(recorder):
                 recorder.mirror_to(make_logger(cfg, run.fresh))
                 _write_start(recorder, setup)
@@ -362,13 +376,15 @@ def _prepare(cfg: Config, out: Path | str, overwrite: bool) -> _Prepared:
 
 
 def _write_start(recorder: Recorder, s: Setup) -> None:
-    """config, derived values, environment, offset, the teacher's evaluation and T."""
+    """config, derived values, environment, offset, the teacher's evaluation, lambda_0
+    and T."""
     run, cfg = recorder.run, s.cfg
     run.write_start(cfg, s.derived, environment(s.device),
                     offset_stats(s.teacher, s.student, s.template, cfg.init,
                                  s.derived.student_seed))
     teacher_record = {"model": "teacher", "step": 0, **s.evaluator(s.teacher)}
     recorder.log_eval(teacher_record)
+    recorder.measure_sharpness(s.teacher, 0, None, teacher=True)
     recorder.checkpoint("T", s.teacher.state_dict(),
                         {"step": None, "kind": "teacher", "arch": cfg.model.name,
                          "metrics": teacher_record})
@@ -452,7 +468,8 @@ def resume(out: Path | str, progress: Progress | None = None) -> Summary:
             if not main:
                 return _loop(NullRecorder(setup.derived.total_steps), setup, state, signals,
                              None, tensors)
-            recorder = Recorder(run, setup.derived.total_steps, setup.evaluator)
+            recorder = Recorder(run, setup.derived.total_steps, setup.evaluator,
+                                setup.sharpness)
             with _failures_recorded(recorder):
                 if run.derived() != setup.derived:
                     raise RunDirError(f"{run.path}: the data no longer give the same derived "
@@ -488,7 +505,7 @@ def _rewind(run: RunDir, step: int, tensors: dict[str, Tensor]) -> None:
     _, meta = run.load_checkpoint(RESUME_CHECKPOINT)
     kept = run.rewind(step)
     expected = meta.get("records") or {}
-    for name, count in zip(("steps", "evals"), kept.values(), strict=True):
+    for name, count in zip(("steps", "evals", "sharpness"), kept.values(), strict=True):
         if name in expected and count < expected[name]:
             import warnings
 
@@ -513,11 +530,13 @@ def _loop(rec: Recorder, s: Setup, state: TrainState, signals: StopSignals,
     sampler = BatchSampler(plan.n_train, plan.batch_size, plan.data_seed, s.device,
                            fixed=cfg.data.sampling == "fixed")
     if saved is not None:
-        TrainState.restore(saved, student, sampler, optimizer, s.evaluator)
+        TrainState.restore(saved, student, sampler, optimizer, s.evaluator, s.sharpness)
     evals, saves = set(plan.eval_steps), set(cfg.checkpoint.steps)
+    sharp = set(plan.sharpness_steps)
     rec.status("running", step=state.step)
     if state.step == 0:
         _evaluate(rec, s, tracker, 0) if 0 in evals else None
+        rec.measure_sharpness(student, 0, tracker.elapsed()) if 0 in sharp else None
         _save_student(rec, s, "step_0", 0, "step", None) if 0 in saves else None
     status, reason, done = "completed", None, state.step
     last_save, probe = time.monotonic(), None
@@ -539,6 +558,8 @@ def _loop(rec: Recorder, s: Setup, state: TrainState, signals: StopSignals,
             if step in evals:
                 record = _evaluate(rec, s, tracker, step)
                 probe = record.get("probe_acc") if record else probe
+            if step in sharp:
+                rec.measure_sharpness(student, step, tracker.elapsed())
             if step in saves:
                 _save_student(rec, s, f"step_{step}", step, "step", None)
             due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
@@ -606,6 +627,7 @@ def _save_resumable(rec: Recorder, s: Setup, state: TrainState, sampler: BatchSa
                     optimizer: torch.optim.Optimizer) -> None:
     tensors, meta = state.pack(s.student, sampler, optimizer, s.cfg, rec.records_written(),
                                s.evaluator)
+    tensors.update(s.sharpness.state())
     rec.checkpoint(RESUME_CHECKPOINT, tensors, meta)
     rec.status("running", step=state.step, resumable=True)
 
@@ -640,6 +662,7 @@ def summarize(run: RunDir, s: Setup, evals: list[dict[str, Any]], tracker: Track
     lowest = min(probed, key=lambda r: (r["probe_acc"], r["step"])) if probed else {}
     collapse = next((r for r in evals if r["step"] == tracker.collapse_step), {})
     init = run.init()
+    lambda0, top = _sharpness_numbers(run)
     gain = (final["probe_acc"] - teacher["probe_acc"]
             if final.get("probe_acc") is not None and teacher.get("probe_acc") is not None
             else None)
@@ -667,8 +690,21 @@ def summarize(run: RunDir, s: Setup, evals: list[dict[str, Any]], tracker: Track
         dead_frac_final=final.get("dead_frac"),
         loss_init=next((r for r in evals if r["step"] == 0), {}).get("loss"),
         loss_final=final.get("loss"),
+        lambda0=lambda0,
+        eta_lambda0=s.cfg.optim.lr * lambda0 if lambda0 is not None else None,
+        lambda_max=max(top) if top else None,
+        lambda_final=top[-1] if top else None,
         offset_realized=init.get("offset_realized"),
         offset_ratio=init.get("offset_ratio"),
         changed_frac=init.get("changed_frac"),
         wall_s=tracker.elapsed(),
     )
+
+
+def _sharpness_numbers(run: RunDir) -> tuple[float | None, list[float]]:
+    """(lambda_0 at the teacher, the student's finite top eigenvalues in step order)."""
+    records = run.sharpness()
+    teacher = next((r for r in records if r.model == "teacher"), None)
+    top = [r.top for r in records if r.model == "student"]
+    return (teacher.top if teacher is not None else None,
+            [v for v in top if v is not None and math.isfinite(v)])
