@@ -106,10 +106,26 @@ def test_sweep_figures_mean_over_seeds_and_mark_divergence(tmp_path):
                                [100 * np.mean([s[k] for s in per_seed]) for k in steps])
     legend = [t.get_text() for t in figs["fig1c_probe_by_lr"].axes[0].get_legend().get_texts()]
     assert "eta=1e+06 (diverged)" in legend
+    # the phase diagram: one cell per step size, coloured by the table's phase
+    cells = _phase_cells(figs["fig_phase_diagram"])
+    table = {r["optim.lr"]: r["phase"] for r in csv.DictReader(
+        (tmp_path / "table.csv").open())}
+    assert cells == {(0, 0): table["0.01"], (1, 0): "diverges"}
     page = write_report(tmp_path)
     text = page.read_text()
     assert "phase-diverges" in text and "Fig. 1c" in text
     assert (tmp_path / "figures" / "fig1c_probe_by_lr.pdf").stat().st_size > 1000
+
+
+def _phase_cells(fig):
+    """(column, row) -> phase of each square of a phase diagram (from their gids)."""
+    out = {}
+    for patch in fig.axes[0].patches:
+        gid = patch.get_gid() or ""
+        if gid.startswith("phase:"):
+            _, i, j, phase = gid.split(":")
+            out[(int(i), int(j))] = phase
+    return out
 
 
 def test_batch_size_and_loss_warmup_sweeps_give_figs_1b_1d_and_4(tmp_path):
@@ -128,6 +144,7 @@ def test_batch_size_and_loss_warmup_sweeps_give_figs_1b_1d_and_4(tmp_path):
                                             "schedule.warmup_steps": 10}]}),
               tmp_path / "w", workers=1)
     figs = _by_id(sweep_figures(tmp_path / "w"))
+    assert len(_phase_cells(figs["fig_phase_diagram"])) == 4  # loss x schedule
     lines = _lines(figs["fig4_loss_warmup"])
     assert {"constant/mse/loss", "warm/nmse/probe_acc"} <= set(lines)
     meta = json.loads((tmp_path / "w/sweep.json").read_text())

@@ -18,7 +18,7 @@ from typing import Any
 import click
 from pydantic import BaseModel, ValidationError
 
-from escapelab.config import AnalysisOptions, RangeOptions, SlurmOptions
+from escapelab.config import AnalysisOptions, FinetuneOptions, RangeOptions, SlurmOptions
 from escapelab.errors import EscapelabError
 
 OVERRIDES_HELP = """
@@ -383,6 +383,55 @@ def _print_analysis(result: Any) -> None:
             cells.append(" ".join(values))
         table.add_row(layer, *cells)
     Console(width=160).print(table)
+
+
+@cli.command(help="""Finetune the encoders of T, C and S on the labels (paper Sec. 4).
+
+For each start checkpoint and seed, trains the start's encoder plus a fresh linear
+classifier by cross-entropy on RUN_DIR's training split, with the same classifier
+initialization and batch order for every start of one seed, and measures the test
+accuracy along the way. Writes RUN_DIR/finetune/curves.jsonl and finetune.json; the
+report draws the curves. A second call with the same options skips what is done.
+""")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@model_options(FinetuneOptions, names={"starts": "--from"})
+@click.option("--overwrite", is_flag=True, help="Replace finetuning results made with "
+              "other options.")
+def finetune(run_dir: Path, overwrite: bool, **options: Any) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from escapelab import finetune as finetuning
+    from escapelab.store import FINETUNE_CURVES, FINETUNE_JSON, RunDir
+
+    opts = build_options(FinetuneOptions, options)
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("finetuning", total=None)
+
+        def show(start: str, seed: int, step: int, total: int) -> None:
+            bar.update(task, description=f"from {start}, seed {seed}", completed=step,
+                       total=total)
+
+        payload = finetuning.finetune(run_dir, opts, overwrite=overwrite, progress=show)
+    table = Table(title=f"finetuning ({opts.optimizer}, lr {opts.step_size():g}, "
+                  f"{opts.epochs} epochs, seeds {','.join(map(str, opts.seeds))}; "
+                  "test accuracy in %)", box=None)
+    for col in ("start", "final (mean ± std)", "after epoch 1", "steps to target"):
+        table.add_column(col, justify="left" if col == "start" else "right")
+    for start, info in payload["starts"].items():
+        epoch1 = info["epoch1_test_acc_mean"]
+        table.add_row(start, f"{100 * info['final_test_acc_mean']:.2f} ± "
+                      f"{100 * info['final_test_acc_std']:.2f}",
+                      "-" if epoch1 is None else f"{100 * epoch1:.2f}",
+                      str(info["steps_to_target"] or "-"))
+    Console(width=140).print(table)
+    click.echo(f"target: {100 * finetuning.TARGET_SHARE:.0f}% of the best final mean; "
+               f"wrote {run_dir / FINETUNE_CURVES} and {run_dir / FINETUNE_JSON}")
+    from escapelab.report import write_report
+
+    if RunDir(run_dir).report_path.exists():
+        click.echo(f"report: {write_report(run_dir)}")
 
 
 @cli.command(help="""Draw the paper's figures and an HTML report from PATH.

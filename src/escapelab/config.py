@@ -426,6 +426,40 @@ class _Options(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class FinetuneOptions(_Options):
+    """What `escapelab finetune` trains (the field descriptions are its help)."""
+
+    starts: tuple[str, ...] = Field(("T", "C", "S"), description="Checkpoints to start "
+                                    "from, comma-separated: T (teacher), C (collapse), S "
+                                    "(final student) or any saved step_<k>.")
+    seeds: tuple[int, ...] = Field((0, 1, 2), description="Seeds: each sets the new "
+                                   "classifier's initialization and the data order, the same "
+                                   "for every start.")
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, description="Images per SGD/Adam step.")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with "
+                                              "--momentum.")
+    lr: float | None = Field(None, gt=0, description="Step size (default: 1e-3 for Adam, "
+                             "1e-2 for SGD).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay (both optimizers).")
+    standardize: bool = Field(True, description="Put a fixed standardization (the start "
+                              "encoder's training-split feature mean and std, as the linear "
+                              "probes use) in front of the new classifier, so that every start's "
+                              "classifier sees features of one scale (an escaped encoder's "
+                              "outputs are 10-1000x the teacher's). Off: raw features.")
+    evals_per_epoch: int = Field(4, ge=1, description="Test-accuracy measurements per epoch "
+                                 "(and one before the first step).")
+    train_samples: int | None = Field(None, ge=2, description="Finetune on a stratified "
+                                      "subset of the train split of this size.")
+    test_samples: int | None = Field(None, ge=2, description="Score on a stratified subset "
+                                     "of the test split of this size.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+
+    def step_size(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.optimizer == "adam" else 1e-2)
+
+
 class AnalysisOptions(_Options):
     """What `escapelab analyze` measures, and on what. The field descriptions are the
     CLI's help (`escapelab analyze --help`)."""

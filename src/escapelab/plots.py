@@ -322,3 +322,91 @@ def loss_warmup_figure(cells: dict[str, dict[str, dict[str, Any]]]) -> Figure:
         top.legend(fontsize=8)
     fig.suptitle("Stabilizing huge step sizes: loss x warm-up (Fig. 4)")
     return drawable(fig)
+
+
+PHASE_COLORS = {"escapes": "#2a7a2a", "collapses": "#e08a1e", "stays": "#9a9a9a",
+                "diverges": "#c0392b"}
+
+
+def phase_diagram_figure(rows: Sequence[dict[str, Any]], x_axis: str, y_axis: str | None,
+                         x_label: str, y_label: str | None) -> Figure:
+    """The phase of each swept cell (the majority over seeds) on a grid of two axes
+    (or one row for one axis): colour = phase, text = mean gain over the teacher in
+    points and, where measured, eta * lambda_0. `rows` are the sweep's table rows
+    (``phase``, ``gain_mean``, ``eta_lambda0_mean`` and the axes' values)."""
+
+    def order(values: list[Any]) -> list[Any]:
+        try:
+            return sorted(set(values), key=float)
+        except (TypeError, ValueError):
+            return sorted(set(values), key=str)
+
+    xs = order([r[x_axis] for r in rows])
+    ys = order([r[y_axis] for r in rows]) if y_axis else [None]
+    fig, (ax,) = _figure(width=max(4.0, 1.1 * len(xs) + 2.0),
+                         height=max(2.4, 0.9 * len(ys) + 1.6))
+    for r in rows:
+        i, j = xs.index(r[x_axis]), ys.index(r[y_axis]) if y_axis else 0
+        phase = str(r.get("phase") or "missing")
+        ax.add_patch(_square(i, j, PHASE_COLORS.get(phase, "#ffffff"), phase))
+        lines = [phase]
+        gain = _number(r.get("gain_mean"))
+        if gain is not None:
+            lines.append(f"{100 * gain:+.1f} pt")
+        eta_l0 = _number(r.get("eta_lambda0_mean"))
+        if eta_l0 is not None:
+            lines.append(f"ηλ₀ {eta_l0:.3g}")
+        ax.text(i, j, "\n".join(lines), ha="center", va="center", fontsize=8,
+                color="black" if phase in ("stays", "missing") else "white")
+    ax.set_xlim(-0.5, len(xs) - 0.5)
+    ax.set_ylim(-0.5, len(ys) - 0.5)
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [str(y) for y in ys] if y_axis else [""])
+    ax.set_xlabel(x_label)
+    if y_label:
+        ax.set_ylabel(y_label)
+    ax.set_title("Phase per configuration (majority over seeds)")
+    return fig
+
+
+def _square(i: int, j: int, color: str, phase: str) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((i - 0.48, j - 0.48), 0.96, 0.96, facecolor=color, edgecolor="white",
+                     gid=f"phase:{i}:{j}:{phase}")
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def finetune_figure(curves: Sequence[dict[str, Any]], teacher_probe: float | None) -> Figure:
+    """Test accuracy (%) over finetuning steps per start: the seed mean as a line (gid
+    ``finetune/<start>``), the seeds' range as a band."""
+    starts: dict[str, dict[int, list[float]]] = {}
+    for r in curves:
+        starts.setdefault(r["start"], {}).setdefault(int(r["step"]), []).append(
+            100 * float(r["test_acc"]))
+    fig, (ax,) = _figure()
+    colors = {**{k: v[0] for k, v in CHECKPOINT_STYLE.items()}}
+    others = iter(_colors(max(1, len(starts)), "tab10"))
+    for start, by_step in starts.items():
+        steps = sorted(by_step)
+        values = [by_step[k] for k in steps]
+        color = colors.get(start) or next(others)
+        ax.plot(steps, [float(np.mean(v)) for v in values], color=color,
+                label=f"from {start}", gid=f"finetune/{start}")
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
+                        color=color, alpha=0.2, linewidth=0)
+    if teacher_probe is not None:
+        ax.axhline(100 * teacher_probe, color="#6b6b6b", linestyle=":", linewidth=1,
+                   label="teacher's linear probe")
+    ax.set_xlabel("finetuning step")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Finetuning from T, C and S")
+    ax.legend(fontsize=8)
+    return fig

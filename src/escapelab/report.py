@@ -26,6 +26,7 @@ from escapelab.errors import EscapelabError
 from escapelab.store import (
     FIGURES_DIR,
     REPORT_FILE,
+    SWEEP_TABLE_CSV,
     RangeDir,
     RunDir,
     SweepDir,
@@ -57,6 +58,8 @@ class RunData:
     state: str = ""  # what the run is doing (running, dead, interrupted, ...)
     sharpness: list[dict[str, Any]] = field(default_factory=list)  # student measurements
     lambda0: float | None = None  # top Hessian eigenvalue at the teacher
+    finetune: dict[str, Any] | None = None  # finetune.json (escapelab finetune)
+    finetune_curves: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def diverged(self) -> bool:
@@ -79,6 +82,9 @@ def load_run(path: Path) -> RunData:
         state=run.state_text(),
         sharpness=[r.model_dump() for r in sharpness if r.model == "student"],
         lambda0=next((r.top for r in sharpness if r.model == "teacher"), None),
+        finetune=(finetune := run.finetune()),
+        finetune_curves=[r for r in run.finetune_curves()
+                         if finetune is not None and r.get("digest") == finetune["digest"]],
     )
 
 
@@ -118,6 +124,18 @@ CAPTIONS = {
                        "eigenvalue rising to and hovering near 2/eta while the gradient "
                        "norm oscillates. The paper (Sec. 4) asks whether the escape "
                        "relates to it.",
+    "phase": "Phase of each swept configuration, the majority over its seeds "
+             "(escapelab.phases: escapes = ends at least 0.5 points above the teacher's "
+             "probe; collapses = fell more than 0.5 points below it and does not end above; "
+             "stays = never left or the probe did not notice; diverges = non-finite loss). "
+             "Each cell gives the mean gain over the teacher and, where measured, "
+             "eta * lambda_0 (lambda_0: the top Hessian eigenvalue at the teacher; plain "
+             "gradient descent is unstable there once it exceeds 2).",
+    "finetune": "Test accuracy while each start's encoder and a fresh linear classifier "
+                "are trained on the labels (escapelab finetune): the line is the mean over "
+                "seeds, the band their range; one seed gives every start the same classifier "
+                "initialization and batch order. The dotted line is the teacher's linear "
+                "probe (its frozen encoder).",
     "fig1c": "Linear-probe accuracy of the student's encoder over training, one line per "
              "step size (mean over seeds); dashed: the teacher. The paper sees no progress "
              "at eta = 32, then a collapse (accuracy drops) followed by recovery above the "
@@ -209,6 +227,15 @@ def run_figures(data: RunData) -> list[Drawn]:
                               ("cka_teacher", "linear CKA with the teacher", False)])))
     if data.analysis is not None:
         out.extend(analysis_figures(data.analysis))
+    if data.finetune_curves:
+        opts = (data.finetune or {}).get("options", {})
+        out.append(Drawn("fig_finetune", "Finetuning from T, C and S", CAPTIONS["finetune"]
+                         + f" Here: {opts.get('optimizer')}, {opts.get('epochs')} epochs, "
+                         f"batch {opts.get('batch_size')}, standardized features: "
+                         f"{opts.get('standardize')}.",
+                         plots.finetune_figure(data.finetune_curves,
+                                               data.teacher.get("probe_acc")
+                                               if data.teacher else None)))
     return out
 
 
@@ -340,7 +367,26 @@ def sweep_figures(path: Path) -> list[Drawn]:
         out.append(Drawn("fig_sweep_probe", "Probe accuracy per configuration",
                          CAPTIONS["fig1"], plots.probe_over_steps_figure(
                              probe, teacher, "Probe accuracy per configuration", diverged)))
+    table = _sweep_table(path)
+    if table and 1 <= len(axes) <= 2:
+        x_axis = "optim.lr" if "optim.lr" in axes else axes[0]
+        y_axis = next((a for a in axes if a != x_axis), None)
+        out.append(Drawn("fig_phase_diagram", "Phase diagram", CAPTIONS["phase"],
+                         plots.phase_diagram_figure(
+                             table, x_axis, y_axis, _axis_name(x_axis),
+                             _axis_name(y_axis) if y_axis else None)))
     return out
+
+
+def _sweep_table(path: Path) -> list[dict[str, Any]]:
+    """The sweep's table.csv rows (mean over seeds per configuration), [] if absent."""
+    import csv
+
+    file = SweepDir(path).tables()[SWEEP_TABLE_CSV]
+    if not file.exists():
+        return []
+    with file.open() as f:
+        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ directory::
     checkpoints/last.safetensors + .json             resumable training state
     summary.json             written last: its presence means the run finished
     analysis.csv, analysis.json   `escapelab analyze`
+    finetune/curves.jsonl, finetune/finetune.json   `escapelab finetune`
     figures/, report.html         `escapelab report`
     tensorboard/             event files of logger.name=tensorboard or `escapelab export`
     wandb/                   W&B's own files of logger.name=wandb (W&B names them)
@@ -59,7 +60,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from escapelab.config import Config, Derived, config_digest, dump_yaml, load_config
 from escapelab.errors import ConfigError, RunDirError
@@ -80,6 +81,8 @@ CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 ANALYSIS_CSV = "analysis.csv"
 ANALYSIS_JSON = "analysis.json"
+FINETUNE_CURVES = "finetune/curves.jsonl"  # one record per (start, seed, evaluation)
+FINETUNE_JSON = "finetune/finetune.json"  # the options and the comparison of the starts
 REPORT_FILE = "report.html"
 FIGURES_DIR = "figures"
 RESUME_CHECKPOINT = "last"
@@ -341,6 +344,13 @@ class Summary(_Record):
     offset_realized: float | None = None
     offset_ratio: float | None = None
     changed_frac: float | None = None
+    # escape timing (escapelab.phases: the rules)
+    erank_drop: float | None = None  # erank_teacher / erank_collapse
+    probe_drop: float | None = None  # teacher_probe_acc - probe_acc_collapse
+    recovery_step: int | None = None  # first evaluation after C back at the teacher's probe
+    oscillation_onset: int | None = None  # first step of the oscillating gradient norm
+    catapult_steps: list[int] = Field(default_factory=list)  # loss spike, then flatter
+    phase: str = "missing"  # stays, escapes, collapses or diverges
     wall_s: float = 0.0
 
     def __getitem__(self, key: str) -> Any:
@@ -691,6 +701,28 @@ class RunDir:
     def analysis(self) -> dict[str, Any] | None:
         path = self.path / ANALYSIS_JSON
         return dict(read_json(path)) if path.exists() else None
+
+    def finetune_curves(self) -> list[dict[str, Any]]:
+        """finetune/curves.jsonl (empty if absent)."""
+        path = self.path / FINETUNE_CURVES
+        return read_jsonl(path) if path.exists() else []
+
+    def append_finetune_curve(self, records: Iterable[dict[str, Any]]) -> None:
+        """One (start, seed) curve, all its records in one fsynced append."""
+        append_jsonl(self.path / FINETUNE_CURVES, records)
+
+    def write_finetune(self, payload: dict[str, Any]) -> None:
+        write_json(self.path / FINETUNE_JSON, payload)
+
+    def finetune(self) -> dict[str, Any] | None:
+        path = self.path / FINETUNE_JSON
+        return dict(read_json(path)) if path.exists() else None
+
+    def clear_finetune(self) -> None:
+        """Remove earlier finetuning results (``finetune --overwrite``)."""
+        for name in (FINETUNE_CURVES, FINETUNE_JSON):
+            with writing(self.path / name):
+                (self.path / name).unlink(missing_ok=True)
 
     # -- checkpoints --------------------------------------------------------------------
 

@@ -23,7 +23,8 @@ replace the top level's, key by key). ``escapelab sweep --scale NAME`` picks one
 Every point runs into ``OUT/runs/<label>-<hash>``, the hash being that of the resolved
 config, so that re-launching skips finished runs and resumes interrupted ones. A
 failed or diverged run never stops the others. ``runs.csv`` has one row per run,
-``table.csv`` the mean and std over seeds, each with a phase label (:func:`phase`).
+``table.csv`` the mean and std over seeds, each with a phase label
+(:func:`escapelab.phases.phase`).
 """
 
 from __future__ import annotations
@@ -58,16 +59,17 @@ from escapelab.config import (
     read_preset,
 )
 from escapelab.errors import ConfigError, EscapelabError
+from escapelab.phases import phase
 from escapelab.store import SweepDir
 
-PHASE_MARGIN = 0.005  # half a point of probe accuracy
 SUMMARY_FIELDS = ("status", "teacher_probe_acc", "min_probe_acc", "final_probe_acc", "gain",
                   "collapse_depth", "escape_step", "collapse_step", "erank_teacher",
-                  "erank_collapse", "erank_final", "lambda0", "eta_lambda0", "lambda_final",
+                  "erank_collapse", "erank_final", "erank_drop", "recovery_step",
+                  "oscillation_onset", "lambda0", "eta_lambda0", "lambda_final",
                   "steps_completed", "wall_s")
 AGGREGATED = ("teacher_probe_acc", "min_probe_acc", "final_probe_acc", "gain",
-              "collapse_depth", "escape_step", "erank_collapse", "erank_final", "lambda0",
-              "eta_lambda0")
+              "collapse_depth", "escape_step", "erank_collapse", "erank_final", "erank_drop",
+              "recovery_step", "oscillation_onset", "lambda0", "eta_lambda0")
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,33 +358,6 @@ def run_sweep(spec: SweepSpec, out: Path | str, *, backend: str = "local",
 
 # ---------------------------------------------------------------------------------------
 # Phases and aggregation
-
-
-def phase(summary: dict[str, Any], margin: float = PHASE_MARGIN) -> str:
-    """Label one run (thresholds in probe-accuracy fractions; margin 0.005 = 0.5 points):
-
-    - ``diverges``: the run ended on a non-finite (or capped) loss;
-    - ``escapes``: it left the teacher (escape_step set) and its final probe accuracy
-      is at least `margin` above the teacher's: escapes and recovers above the teacher;
-    - ``collapses``: it left the teacher, its probe accuracy fell more than `margin`
-      below the teacher's at some point (or ends there), and it does not end above it;
-    - ``stays``: otherwise: it never left the teacher, or left it without changing
-      what the probe sees by more than `margin`.
-    """
-    status = summary.get("status")
-    if status in ("diverged", "capped"):
-        return "diverges"
-    if status not in ("completed",):
-        return status or "missing"
-    teacher, final = summary.get("teacher_probe_acc"), summary.get("final_probe_acc")
-    lowest = summary.get("min_probe_acc")
-    if summary.get("escape_step") is None or teacher is None or final is None:
-        return "stays"
-    if final >= teacher + margin:
-        return "escapes"
-    if (lowest is not None and lowest < teacher - margin) or final < teacher - margin:
-        return "collapses"
-    return "stays"
 
 
 def aggregate(out: Path | str) -> list[dict[str, Any]]:

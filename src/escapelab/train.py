@@ -35,6 +35,7 @@ from escapelab.init import distance, make_teacher_student, offset_stats
 from escapelab.loggers import make_logger, require
 from escapelab.losses import LossFn, make_loss
 from escapelab.models import EscapeNet, build_model
+from escapelab.phases import timeline
 from escapelab.probe import Evaluator, extract
 from escapelab.recorder import NullRecorder, Recorder
 from escapelab.runtime import (
@@ -666,7 +667,7 @@ def summarize(run: RunDir, s: Setup, evals: list[dict[str, Any]], tracker: Track
     gain = (final["probe_acc"] - teacher["probe_acc"]
             if final.get("probe_acc") is not None and teacher.get("probe_acc") is not None
             else None)
-    return Summary(
+    summary = Summary(
         status=status,  # type: ignore[arg-type]
         reason=reason,
         steps_completed=final_step,
@@ -699,6 +700,9 @@ def summarize(run: RunDir, s: Setup, evals: list[dict[str, Any]], tracker: Track
         changed_frac=init.get("changed_frac"),
         wall_s=tracker.elapsed(),
     )
+    timing = timeline(summary.model_dump(), run.steps(), evals,
+                      [r.model_dump() for r in run.sharpness()])
+    return summary.model_copy(update=timing.as_dict())
 
 
 def _sharpness_numbers(run: RunDir) -> tuple[float | None, list[float]]:
