@@ -82,3 +82,12 @@ def test_every_summary_carries_its_timeline(tiny_config, tmp_path):
     if summary.erank_drop is not None:
         assert math.isclose(summary.erank_drop,
                             summary.erank_teacher / summary.erank_collapse)
+
+
+def test_a_catapult_right_after_the_start_is_seen():
+    """The escape comes within a few steps: a spike at step 5 has 4 steps of history."""
+    loss = [1e-20, 1e-20, 1e-20, 1e-20, 1e-3, 1e-4, 1e-4, 1e-4]
+    sharp = [{"model": "student", "step": 4, "eigenvalues": [10.0]},
+             {"model": "student", "step": 7, "eigenvalues": [0.1]}]
+    assert catapults(_steps([1.0] * 8, loss), sharp) == [5]
+    assert catapults(_steps([1.0] * 8, [1e-20, 1e-3] + [1e-4] * 6), sharp) == []  # 1 step

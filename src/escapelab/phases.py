@@ -23,7 +23,7 @@ into ``summary.json`` at the end of a run. The rules:
   curvature exceeds 2/eta, so the onset marks where SGD stops following the loss
   landscape smoothly.
 - **catapults**: a loss spike, loss_k > ``SPIKE_FACTOR`` x the median loss of the
-  ``SPIKE_WINDOW`` steps before it, after which the top Hessian eigenvalue is lower: the
+  ``SPIKE_WINDOW`` steps before it (at least ``SPIKE_MIN_HISTORY`` early in a run), after which the top Hessian eigenvalue is lower: the
   first sharpness measurement after k is below ``SHARPNESS_DROP`` x the last one at or
   before k (Lewkowycz et al.'s catapult: the loss grows, the network moves to a flatter
   region, the loss comes back down). Needs sharpness measurements (``sharpness.enabled``);
@@ -49,7 +49,8 @@ OSC_JUMP = 1.1  # the gradient norm moves by at least 10% per step ...
 OSC_WINDOW = 20  # ... in a window of this many steps ...
 OSC_SHARE = 0.5  # ... of which at least this share turn (up then down, or down then up)
 SPIKE_FACTOR = 2.0  # a loss spike: above this multiple of the recent median ...
-SPIKE_WINDOW = 10  # ... of this many preceding steps
+SPIKE_WINDOW = 10  # ... of this many preceding steps (fewer, at least
+SPIKE_MIN_HISTORY = 3  # this many, early in a run: the escape comes within ~5-15 steps)
 SHARPNESS_DROP = 0.9  # a catapult: the next sharpness below this multiple of the last
 
 
@@ -128,10 +129,11 @@ def catapults(steps: Sequence[dict[str, Any]], sharpness: Sequence[dict[str, Any
     loss = [(int(r["step"]), r.get("loss")) for r in steps]
     events: list[int] = []
     seen: set[int] = set()
-    for i in range(window, len(loss)):
+    for i in range(SPIKE_MIN_HISTORY, len(loss)):
         step, value = loss[i]
-        recent = [v for _, v in loss[i - window:i] if v is not None and math.isfinite(v)]
-        if value is None or not math.isfinite(value) or len(recent) < window:
+        recent = [v for _, v in loss[max(0, i - window):i]
+                  if v is not None and math.isfinite(v)]
+        if value is None or not math.isfinite(value) or len(recent) < SPIKE_MIN_HISTORY:
             continue
         if value <= factor * float(np.median(recent)):
             continue
