@@ -25,8 +25,9 @@ into ``summary.json`` at the end of a run. The rules:
 - **catapults**: a loss spike, loss_k > ``SPIKE_FACTOR`` x the median loss of the
   ``SPIKE_WINDOW`` steps before it (at least ``SPIKE_MIN_HISTORY`` early in a run),
   after which the top Hessian eigenvalue is lower: the first sharpness measurement
-  after k is below ``SHARPNESS_DROP`` x the last one at or before k (Lewkowycz et al.'s catapult: the loss grows, the network moves to a flatter
-  region, the loss comes back down). Needs sharpness measurements (``sharpness.enabled``);
+  after k is below ``SHARPNESS_DROP`` x the last one at or before k (Lewkowycz et al.'s
+  catapult: the loss grows, the network moves to a flatter region, the loss comes back
+  down). Needs sharpness measurements (``sharpness.enabled``);
   consecutive spikes between the same two measurements count once.
 - **phase**: ``diverges`` (non-finite or capped loss), ``escapes`` (left the teacher and
   ends at least ``PHASE_MARGIN`` above its probe accuracy), ``collapses`` (left it, fell
