@@ -6,7 +6,8 @@ under N-MSE (written out below), torch.optim.SGD's step, and the loss and the fu
 gradient's norm read to the host once. escapelab's loop (``escapelab.train.train``)
 does the same and also its bookkeeping: records, status heartbeats, the escape and
 collapse tracker, the stop-signal check. Probes, sharpness and periodic checkpoints are
-off on both sides, so what differs is the bookkeeping.
+off on both sides, and both flush denormals to zero (``train.flush_denormal``, on by
+default), so what differs is the bookkeeping.
 
 escapelab's per-step time is the difference of two runs' wall times (``--steps`` and
 ``--warmup`` steps) divided by the difference of their steps, which cancels the fixed
@@ -64,6 +65,9 @@ def reference_seconds_per_step(cfg: Config, warmup: int, steps: int) -> float:
     batch = setup.derived.batch_size
     gen = torch.Generator().manual_seed(0)
     t0 = 0.0
+    # the same numerics as escapelab's loop: near the teacher the gradients are ~1e-20,
+    # and denormal arithmetic (which train.flush_denormal avoids) is up to 10x slower
+    torch.set_flush_denormal(cfg.train.flush_denormal)
     for k in range(warmup + steps):
         if k == warmup:
             t0 = time.perf_counter()
@@ -77,7 +81,9 @@ def reference_seconds_per_step(cfg: Config, warmup: int, steps: int) -> float:
                                                       if p.grad is not None]))
         torch.stack([loss.detach().double(), gnorm.double()]).tolist()
         optimizer.step()
-    return (time.perf_counter() - t0) / steps
+    seconds = (time.perf_counter() - t0) / steps
+    torch.set_flush_denormal(False)
+    return seconds
 
 
 def escapelab_seconds_per_step(overrides: list[str], warmup: int, steps: int) -> float:

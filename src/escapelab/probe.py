@@ -57,7 +57,7 @@ features plain L-BFGS needed ~900 iterations to reach tol 1e-5). For d <=
 of :class:`Preconditioner`, P = (Sigma_c + lam I)^(-1/2) from the curvature-weighted
 second moment of the features at the starting point: one pass over x and a d x d
 ``eigh``. The objective, the stopping rule (on grad f in W, b) and the returned (W, b)
-are unchanged; on those 60,000 features the iterations drop ~3.3x (909 -> 254 in float64,
+are unchanged; on those 60,000 features the iterations drop ~3.2x (909 -> 287 in float64,
 863 -> 259 in float32). The closure checks the stopping rule at every point it evaluates
 (line-search trials included) and ends the fit at the first that meets it.
 
