@@ -221,7 +221,8 @@ class WandbLogger:
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         self.run.summary.update({k: v for k, v in summary.items()
-                                 if _is_number(v) or isinstance(v, str)})
+                                 if _is_number(v) or isinstance(v, str)
+                                 or (isinstance(v, list) and all(map(_is_number, v)))})
 
     def flush(self) -> None:
         pass  # wandb's own process (wandb-core) writes and uploads as it goes
