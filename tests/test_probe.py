@@ -299,7 +299,10 @@ def test_evaluator_warm_starts_and_its_state_survives_a_checkpoint(tiny_config):
     first = evaluator(setup.teacher)
     fit_t = evaluator.last_fit
     assert fit_t is not None and fit_t.n_iter > 0
-    assert evaluator(setup.teacher) == first and evaluator.last_fit.n_iter == 0
+    again = evaluator(setup.teacher)  # from its own optimum: no iteration, same record
+    assert again == {**first, "probe_iter": 0} and evaluator.last_fit.n_iter == 0
+    assert first["probe_iter"] == fit_t.n_iter and first["probe_grad"] == fit_t.grad_max
+    assert first["probe_grad"] <= setup.cfg.probe.tol
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p) * p.std())

@@ -546,6 +546,9 @@ class Evaluator:
             "erank": effective_rank(f_tr) if finite else None,
             "dead_frac": dead_units(f_tr) / f_tr.shape[1],
         }
+        if fit is not None:  # torch solver: did the fit meet probe.tol (grad <= tol)?
+            record["probe_iter"] = fit.n_iter
+            record["probe_grad"] = fit.grad_max if math.isfinite(fit.grad_max) else None
         if self.teacher_features is not None:
             record["cka_teacher"] = linear_cka(f_tr, self.teacher_features) if finite else None
         if self.targets is not None:
