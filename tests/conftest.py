@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -35,3 +38,14 @@ def tiny_config():
         return load_config("digits", tiny_overrides(**extra))
 
     return make
+
+
+def interrupt_at(step: int, signum: int = signal.SIGINT):
+    """A `progress` callback that sends this process `signum` when the loop reports
+    `step` (Ctrl-C mid-run, as a user would)."""
+
+    def progress(k: int, total: int, info: object) -> None:
+        if k == step:
+            os.kill(os.getpid(), signum)
+
+    return progress

@@ -7,9 +7,7 @@ start-up. The TensorBoard and W&B tests skip where those packages are not instal
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import escapelab.recorder
-from conftest import tiny_overrides
+from conftest import interrupt_at, tiny_overrides
 from escapelab.cli import cli
 from escapelab.config import load_config
 from escapelab.errors import EscapelabError, RunDirError, RunInterrupted
@@ -227,9 +225,7 @@ def test_offline_wandb_run_holds_the_same_series_across_a_resume(tiny_config, tm
                                                                   wandb_offline):
     cfg = tiny_config(logger="wandb", **{"checkpoint.every": 30})
 
-    def interrupt(step, total, info):
-        if step == 45:
-            os.kill(os.getpid(), signal.SIGINT)
+    interrupt = interrupt_at(45)
 
     with pytest.raises(RunInterrupted):
         train(cfg, tmp_path / "r", progress=interrupt)

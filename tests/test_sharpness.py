@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from conftest import tiny_overrides
+from conftest import interrupt_at, tiny_overrides
 from escapelab.config import InitConfig, LossConfig, ModelConfig, SharpnessConfig, load_config
 from escapelab.init import make_teacher_student
 from escapelab.losses import make_loss
@@ -262,17 +262,13 @@ def test_lr_range_reports_lambda0_per_seed(tmp_path):
 
 
 def test_resume_continues_the_warm_start(tmp_path):
-    import os
-    import signal
 
     from escapelab.train import RunInterrupted, resume
 
     cfg = load_config("digits", tiny_overrides(**SHARP, **{"checkpoint.every": 20}))
     train(cfg, tmp_path / "ref")
 
-    def interrupt(step, total, info):
-        if step == 30:
-            os.kill(os.getpid(), signal.SIGINT)
+    interrupt = interrupt_at(30)
 
     with pytest.raises(RunInterrupted):
         train(cfg, tmp_path / "cut", progress=interrupt)

@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import interrupt_at, tiny_overrides
 from escapelab.config import load_config
 from escapelab.errors import RunDirError, RunInterrupted
 from escapelab.store import RunDir, RunDirWarning, RunLock, read_jsonl
@@ -207,9 +207,7 @@ def test_a_checkpoint_is_written_on_time_as_well_as_on_steps(tiny_config, tmp_pa
 def _interrupted(tmp_path, at=40, **extra):
     cfg = load_config("digits", tiny_overrides(**LONG, **extra))
 
-    def interrupt(step, total, info):
-        if step == at:
-            os.kill(os.getpid(), signal.SIGINT)
+    interrupt = interrupt_at(at)
 
     out = tmp_path / "cut"
     with pytest.raises(RunInterrupted) as caught:

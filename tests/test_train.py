@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import interrupt_at
 from escapelab.config import load_config
 from escapelab.errors import RunDirError
 from escapelab.store import RunDir, read_jsonl
@@ -165,9 +164,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_config, tmp_path):
     cfg = tiny_config(**{"checkpoint.every": 20, "optim.lr": 3e4})
     reference = train(cfg, tmp_path / "ref")
 
-    def interrupt(step, total, info):
-        if step == 30:
-            os.kill(os.getpid(), signal.SIGINT)
+    interrupt = interrupt_at(30)
 
     with pytest.raises(RunInterrupted, match="--resume"):
         train(cfg, tmp_path / "cut", progress=interrupt)
@@ -190,9 +187,7 @@ def test_momentum_state_survives_resume(tiny_config, tmp_path):
                          "loss.name": "ce"})
     train(cfg, tmp_path / "ref")
 
-    def interrupt(step, total, info):
-        if step == 25:
-            os.kill(os.getpid(), signal.SIGINT)
+    interrupt = interrupt_at(25)
 
     with pytest.raises(RunInterrupted):
         train(cfg, tmp_path / "cut", progress=interrupt)

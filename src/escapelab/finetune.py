@@ -44,6 +44,7 @@ from escapelab.config import FinetuneOptions
 from escapelab.data import Dataset, load_dataset, stratified_subset
 from escapelab.errors import EscapelabError
 from escapelab.models import EscapeNet, build_model
+from escapelab.probe import Standardizer
 from escapelab.runtime import resolve_device
 from escapelab.store import RunDir
 
@@ -108,10 +109,8 @@ def _digest(options: FinetuneOptions) -> str:
 
 
 def _subset(data: Dataset, options: FinetuneOptions) -> Dataset:
-    def pick(labels: Tensor, size: int | None) -> Tensor:
-        if size is None or size >= len(labels):
-            return torch.arange(len(labels))
-        return torch.from_numpy(stratified_subset(labels.numpy(), size, 0))
+    def pick(labels: Tensor, size: int | None) -> Tensor:  # all of it if size is None
+        return torch.from_numpy(stratified_subset(labels.numpy(), size or len(labels), 0))
 
     tr, te = pick(data.y_train, options.train_samples), pick(data.y_test, options.test_samples)
     return Dataset(data.name, data.x_train[tr], data.y_train[tr], data.x_test[te],
@@ -184,13 +183,13 @@ class Standardize(nn.Module):
     @classmethod
     @torch.no_grad()
     def of(cls, encoder: nn.Module, x: Tensor) -> Standardize:
-        """The statistics of encoder(x) (population std; 1 where a feature is constant)."""
+        """The statistics of encoder(x), as the linear probe takes them
+        (:class:`escapelab.probe.Standardizer`: population std, 1 where a feature is
+        constant to rounding)."""
         encoder.eval()
-        feats = torch.cat([encoder(c) for c in x.split(1024)]).double()
+        stats = Standardizer.fit(torch.cat([encoder(c) for c in x.split(1024)]))
         encoder.train()
-        mean, std = feats.mean(0), feats.std(0, correction=0)
-        std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
-        return cls(mean.to(x.dtype), std.to(x.dtype))
+        return cls(stats.mean.to(x.dtype), stats.scale.to(x.dtype))
 
 
 def fresh_classifier(d_in: int, num_classes: int, seed: int) -> nn.Linear:

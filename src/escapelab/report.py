@@ -380,9 +380,12 @@ def sweep_figures(path: Path) -> list[Drawn]:
 
 def _sweep_table(path: Path) -> list[dict[str, Any]]:
     """The sweep's table.csv rows (mean over seeds per configuration), [] if absent."""
+    return _csv_rows(SweepDir(path).tables()[SWEEP_TABLE_CSV])
+
+
+def _csv_rows(file: Path) -> list[dict[str, Any]]:
     import csv
 
-    file = SweepDir(path).tables()[SWEEP_TABLE_CSV]
     if not file.exists():
         return []
     with file.open() as f:
@@ -454,15 +457,10 @@ def _layer_table(analysis: dict[str, Any]) -> str:
 
 
 def _sweep_section(path: Path) -> str:
-    import csv
-
     parts = []
     for (name, file), title in zip(SweepDir(path).tables().items(),
                                    ("Aggregate over seeds", "Every run"), strict=True):
-        if not file.exists():
-            continue
-        with file.open() as f:
-            rows = list(csv.DictReader(f))
+        rows = _csv_rows(file)
         if not rows:
             continue
         header = [h for h in rows[0] if not h.endswith("_std") and h != "error"]
