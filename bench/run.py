@@ -14,12 +14,13 @@ Parts, each measuring its baseline in the same run:
   here): the probe before this work (scikit-learn, tol 1e-4, its default
   thread pools, as the Evaluator ran it) vs the torch probe (the preset's settings);
 - **step** (``bench_step.py``): escapelab's training loop vs a plain reference loop;
+- **sweep** (``bench_sweep.py``): the step-size preset (18 runs) with runs per process
+  vs one process per run, on the same cores;
 - **main job**: ``make run``'s parts in seconds: training alone (probes and sharpness
   off), the probes and sharpness measurements (the difference to the full run, the
   sharpness part from its records), ``analyze`` and ``report``.
 
-Not here: the runs-per-process sweep (not built yet) and the GPU checks (no GPU on this
-machine); see the issue's notes.
+The GPU checks are ``bench/gpu.py`` (one call on a lent GPU machine).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_probe  # noqa: E402
 import bench_step  # noqa: E402
+import bench_sweep  # noqa: E402
 
 from escapelab.config import load_config  # noqa: E402
 from escapelab.data import Dataset, load_dataset, stratified_subset  # noqa: E402
@@ -194,6 +196,15 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for name, v in step["cases"].items():
             out.append((f"training step, {name}", f"{v['throughput_ratio']:.3f}x",
                         ">= 0.9x", "yes" if v["met"] else "no"))
+    sweep = results.get("sweep")
+    if sweep:
+        misses = [what for what, ok in (("speedup", sweep["speedup"] >= bench_sweep.TARGET),
+                                        ("phases", sweep["same_phase"]),
+                                        ("gains", sweep["gains_ok"])) if not ok]
+        out.append((f"step-size sweep ({sweep['points']} runs), runs per process vs one "
+                    "process per run", f"{sweep['speedup']:.2f}x",
+                    f">= {bench_sweep.TARGET:g}x, same phases, gains within spread",
+                    "yes" if not misses else "no (" + ", ".join(misses) + ")"))
     return out
 
 
@@ -220,8 +231,13 @@ def markdown(results: dict[str, Any]) -> str:
                   f"float64 {vgg['torch_float64']['wall_s']:.1f} s "
                   f"({vgg['torch_float64'].get('iterations')} iterations), float32 "
                   f"{vgg['torch_float32']['wall_s']:.1f} s."]
-    lines += ["", "Not measured here: the sweep with runs per process (not built) and the "
-              "GPU checks (no GPU on this machine).", ""]
+    sweep = results.get("sweep")
+    if sweep:
+        lines += ["", f"Step-size sweep: one process per run {sweep['sequential_s']:.0f} s, "
+                  f"runs per process {sweep['grouped_s']:.0f} s (groups of "
+                  f"{', '.join(map(str, sweep['group_sizes']))})."]
+    lines += ["", "The GPU checks (`bench/gpu.py`) run only on a lent GPU machine; see "
+              "bench/results/gpu.json when there is one.", ""]
     return "\n".join(lines)
 
 
@@ -230,7 +246,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes; writes nothing")
     p.add_argument("--skip", default="", help="comma-separated parts to skip (their "
                    "latest results are reused in the table): probe, "
-                   "vgg11_probe, step, main_job")
+                   "vgg11_probe, step, sweep, main_job")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
@@ -248,6 +264,9 @@ def main() -> None:
                                        warmup=8 if args.quick else 40,
                                        repeats=1 if args.quick else 3, only="")
         results["step"] = bench_step.run(step_args)
+    if "sweep" not in skip:
+        print("sweep (bench_sweep.py)", flush=True)
+        results["sweep"] = bench_sweep.run(args.quick)
     if "main_job" not in skip:
         print("main job", flush=True)
         results["main_job"] = main_job(args.quick)
@@ -265,7 +284,7 @@ def main() -> None:
         print(f"{what:<{width}}  {ratio:>22}  target {target:<20} {met}")
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        for part in ("probe", "vgg11_probe", "step", "main_job"):
+        for part in ("probe", "vgg11_probe", "step", "sweep", "main_job"):
             if part in results and part not in skip:
                 (RESULTS / f"{part}.json").write_text(json.dumps(
                     {"machine": results["machine"], part: results[part]}, indent=1,

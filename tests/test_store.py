@@ -287,9 +287,9 @@ def test_sigterm_during_start_up_exits_143_and_says_so(tmp_path, monkeypatch):
 
     real_build = training.build
 
-    def slow_build(cfg):
+    def slow_build(cfg, data=None):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the data are being loaded
-        return real_build(cfg)
+        return real_build(cfg, data)
 
     monkeypatch.setattr(training, "build", slow_build)
     out = tmp_path / "run"

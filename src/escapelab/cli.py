@@ -209,11 +209,15 @@ std over seeds), and prints the table.
               "(submitit).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local worker processes (default: one per core; cores are split).")
+@click.option("--group/--no-group", default=True, show_default=True,
+              help="Train points that differ only in step size, seed, offset or schedule "
+              "together, several runs per process (torch.func.vmap; each keeps its own "
+              "run directory); --no-group runs one process per point. Local backend only.")
 @model_options(SlurmOptions)
 @click.argument("overrides", nargs=-1)
 def sweep(spec: str | None, preset: str | None, scale: str, base: str | None,
           grid_items: tuple[str, ...], out: Path | None, backend: str,
-          workers: int | None, overrides: tuple[str, ...], **slurm: Any) -> None:
+          workers: int | None, group: bool, overrides: tuple[str, ...], **slurm: Any) -> None:
     from escapelab import sweep as sweeps
 
     if spec is not None and "=" in spec:  # an override, not a spec
@@ -241,7 +245,8 @@ def sweep(spec: str | None, preset: str | None, scale: str, base: str | None,
                       if result.get("error") else ""), err=True)
 
     result = sweeps.run_sweep(loaded, out, backend=backend, workers=workers,
-                              slurm=build_options(SlurmOptions, slurm), progress=report)
+                              slurm=build_options(SlurmOptions, slurm), progress=report,
+                              group=group)
     click.echo(f"{result['points']} points: {result['ran']} run, {result['skipped']} "
                "already finished")
     _print_sweep_table(result["table"], list(loaded.grid))

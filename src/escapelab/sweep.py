@@ -270,33 +270,80 @@ def run_point(config: dict[str, Any], run_dir: str, threads: int | None = None,
 
     Module-level so that worker processes and cluster jobs can import it.
     """
-    import torch
+    return run_points([config], [run_dir], threads)[0]
 
-    from escapelab.train import RunInterrupted, train_or_reuse
+
+def run_points(configs: list[dict[str, Any]], run_dirs: list[str],
+               threads: int | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) points in one process: one point alone, several as one group
+    trained together (:mod:`escapelab.group`; they must share a group key and a start
+    step). Never raises: each point's failure is returned and recorded in its sweep."""
+    import torch
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = build_config(config)
-    path = Path(run_dir)
-    sweep = SweepDir(path.parent.parent)
+    cfgs = [build_config(c) for c in configs]
+    paths = [Path(d) for d in run_dirs]
+    outcomes: list[Any]
     try:
-        summary = train_or_reuse(cfg, path)
-        sweep.clear_failure(path.name)
-        return summary.model_dump()
-    except RunInterrupted as exc:
-        return {"status": "interrupted", "error": str(exc)}
-    except Exception as exc:  # a failed run must not stop the sweep
-        message = str(exc) if isinstance(exc, EscapelabError) else traceback.format_exc()
+        if len(cfgs) == 1:
+            from escapelab.train import train_or_reuse
+
+            outcomes = [train_or_reuse(cfgs[0], paths[0])]
+        else:
+            from escapelab.group import train_group
+
+            outcomes = list(train_group(cfgs, paths))
+    except Exception as exc:  # a signal, or a failure of the whole group
+        outcomes = [exc] * len(cfgs)
+    return [_outcome(path, outcome) for path, outcome in zip(paths, outcomes, strict=True)]
+
+
+def _outcome(path: Path, outcome: Any) -> dict[str, Any]:
+    from escapelab.errors import RunInterrupted
+
+    sweep = SweepDir(path.parent.parent)
+    if isinstance(outcome, RunInterrupted):
+        return {"status": "interrupted", "error": str(outcome)}
+    if isinstance(outcome, Exception):  # a failed run must not stop the sweep
+        message = str(outcome) if isinstance(outcome, EscapelabError) else "".join(
+            traceback.format_exception(outcome))
         with contextlib.suppress(EscapelabError):  # e.g. the disk is full
             sweep.write_failure(path.name, message)
         return {"status": "failed", "error": message}
+    sweep.clear_failure(path.name)
+    return dict(outcome.model_dump())
 
 
 Progress = Callable[[int, int, Point, dict[str, Any]], None]
+Task = list[tuple[Point, Path]]  # points run in one process (several: one group)
 
 
-def run_local(tasks: list[tuple[Point, Path]], workers: int | None,
-              progress: Progress | None) -> None:
+def plan_tasks(todo: list[tuple[Point, Path]], workers: int, group: bool) -> list[Task]:
+    """Points into tasks: with `group`, points of one group key and start step form one
+    task (:mod:`escapelab.group`), halved while there are fewer tasks than workers so
+    that no core idles; every other point is a task of its own."""
+    if not group:
+        return [[item] for item in todo]
+    from escapelab.group import group_key, start_step
+
+    groups: dict[tuple[str, int], Task] = {}
+    tasks: list[Task] = []
+    for point, path in todo:
+        key, start = group_key(point.config), start_step(point.config, path)
+        if key is None or start is None:
+            tasks.append([(point, path)])
+        else:
+            groups.setdefault((key, start), []).append((point, path))
+    tasks += list(groups.values())
+    while len(tasks) < workers and max(len(t) for t in tasks) > 1:
+        largest = max(tasks, key=len)
+        tasks.remove(largest)
+        tasks += [largest[0::2], largest[1::2]]
+    return tasks
+
+
+def run_local(tasks: list[Task], workers: int | None, progress: Progress | None) -> None:
     """Worker processes (spawned) with the CPU cores split between them."""
     import concurrent.futures as futures
     import multiprocessing
@@ -304,29 +351,39 @@ def run_local(tasks: list[tuple[Point, Path]], workers: int | None,
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(tasks)))
     threads = max(1, cores // workers)
-    if workers == 1:
-        for i, (point, run_dir) in enumerate(tasks, 1):
-            result = run_point(config_to_dict(point.config), str(run_dir), threads)
+    total, finished = sum(len(t) for t in tasks), 0
+
+    def told(task: Task, results: list[dict[str, Any]]) -> None:
+        nonlocal finished
+        for (point, _), result in zip(task, results, strict=True):
+            finished += 1
             if progress is not None:
-                progress(i, len(tasks), point, result)
+                progress(finished, total, point, result)
+
+    def args(task: Task) -> tuple[list[dict[str, Any]], list[str], int]:
+        return [config_to_dict(p.config) for p, _ in task], [str(d) for _, d in task], threads
+
+    if workers == 1:
+        for task in tasks:
+            told(task, run_points(*args(task)))
         return
     context = multiprocessing.get_context("spawn")
     with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        jobs = {pool.submit(run_point, config_to_dict(p.config), str(d), threads): p
-                for p, d in tasks}
-        for i, job in enumerate(futures.as_completed(jobs), 1):
+        jobs = {pool.submit(run_points, *args(t)): t for t in tasks}
+        for job in futures.as_completed(jobs):
             try:
-                result = job.result()
+                results = job.result()
             except Exception as exc:  # a worker that died (e.g. out of memory)
-                result = {"status": "failed", "error": f"worker died: {exc}"}
-            if progress is not None:
-                progress(i, len(tasks), jobs[job], result)
+                results = [{"status": "failed", "error": f"worker died: {exc}"}] * len(jobs[job])
+            told(jobs[job], results)
 
 
 def run_sweep(spec: SweepSpec, out: Path | str, *, backend: str = "local",
               workers: int | None = None, slurm: SlurmOptions | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
-    """Run every point not yet finished, then aggregate into runs.csv and table.csv."""
+              progress: Progress | None = None, group: bool = True) -> dict[str, Any]:
+    """Run every point not yet finished, then aggregate into runs.csv and table.csv.
+    With `group` (local backend), points that can be trained together are
+    (:func:`plan_tasks`)."""
     sweep = SweepDir(out)
     points = expand(spec)
     labels = [p.dirname for p in points]
@@ -345,7 +402,8 @@ def run_sweep(spec: SweepSpec, out: Path | str, *, backend: str = "local",
     skipped = len(points) - len(tasks)
     if tasks:
         if backend == "local":
-            run_local(tasks, workers, progress)
+            run_local(plan_tasks(tasks, workers or os.cpu_count() or 1, group), workers,
+                      progress)
         elif backend == "slurm":
             from escapelab.cluster import run_slurm
 

@@ -263,13 +263,14 @@ class Setup:
     ranks: Ranks
 
 
-def build(cfg: Config) -> Setup:
-    """Data, teacher, student, loss and evaluator for `cfg` (no training)."""
+def build(cfg: Config, data: Dataset | None = None) -> Setup:
+    """Data, teacher, student, loss and evaluator for `cfg` (no training). `data`, if
+    given, is ``cfg.data`` already loaded (on the CPU), shared by runs of one process."""
     device = setup_torch(cfg.train.threads, cfg.train.deterministic, cfg.device,
                          cfg.train.tf32)
     ranks = init_ranks(device)
     dtype = getattr(torch, cfg.dtype)
-    data_cpu = load_dataset(cfg.data)
+    data_cpu = data if data is not None else load_dataset(cfg.data)
     derived = derive(cfg, n_train=len(data_cpu.y_train), n_test=len(data_cpu.y_test),
                      num_classes=data_cpu.num_classes, input_shape=data_cpu.input_shape,
                      device=str(device))
@@ -315,28 +316,37 @@ def train(cfg: Config, out: Path | str, *, overwrite: bool = False,
     signals = StopSignals()
     with signals.installed():
         run = _prepare(cfg, out, overwrite) if main else None
-        try:
-            setup = build(cfg)
-        except RunInterrupted as exc:
-            if run is not None:
-                run.stopped(exc)
-            raise
-        except BaseException:
-            if run is not None:
-                run.undo()
-            raise
+        setup = _build_for(run, cfg)
         with joined(setup.ranks):
             if run is None:
                 return _loop(NullRecorder(setup.derived.total_steps), setup,
                              TrainState(0, Tracker()), signals, None)
-            if not run.created:
-                run.fresh.reset()  # --overwrite: the old run goes only now
-            recorder = Recorder(run.fresh, setup.derived.total_steps, setup.evaluator,
-                                setup.sharpness)
+            recorder = _recorder(run, setup)
             with _failures_recorded(recorder):
-                recorder.mirror_to(make_logger(cfg, run.fresh))
                 _write_start(recorder, setup)
                 return _loop(recorder, setup, TrainState(0, Tracker()), signals, progress)
+
+
+def _build_for(run: _Prepared | None, cfg: Config, data: Dataset | None = None) -> Setup:
+    """:func:`build`, leaving the locked folder as it was (or saying that a signal
+    stopped the start-up) if the build fails."""
+    try:
+        return build(cfg, data)
+    except RunInterrupted as exc:
+        if run is not None:
+            run.stopped(exc)
+        raise
+    except BaseException:
+        if run is not None:
+            run.undo()
+        raise
+
+
+def _recorder(run: _Prepared, setup: Setup) -> Recorder:
+    """The recorder of a run starting anew (--overwrite: the old run goes only now)."""
+    if not run.created:
+        run.fresh.reset()
+    return Recorder(run.fresh, setup.derived.total_steps, setup.evaluator, setup.sharpness)
 
 
 @dataclass
@@ -376,11 +386,12 @@ def _prepare(cfg: Config, out: Path | str, overwrite: bool) -> _Prepared:
     return _Prepared(run, created)
 
 
-def _write_start(recorder: Recorder, s: Setup) -> None:
-    """config, derived values, environment, offset, the teacher's evaluation, lambda_0
-    and T."""
+def _write_start(recorder: Recorder, s: Setup, note: dict[str, Any] | None = None) -> None:
+    """The live logger, then config, derived values, environment (with `note`), offset,
+    the teacher's evaluation, lambda_0 and T."""
     run, cfg = recorder.run, s.cfg
-    run.write_start(cfg, s.derived, environment(s.device),
+    recorder.mirror_to(make_logger(cfg, run))
+    run.write_start(cfg, s.derived, {**environment(s.device), **(note or {})},
                     offset_stats(s.teacher, s.student, s.template, cfg.init,
                                  s.derived.student_seed))
     teacher_record = {"model": "teacher", "step": 0, **s.evaluator(s.teacher)}
@@ -394,15 +405,23 @@ def _write_start(recorder: Recorder, s: Setup) -> None:
 class _failures_recorded:
     """On any error but a signal (handled in the loop), mark the run `failed` in
     status.json where the disk still allows, saying whether it can be resumed; in every
-    case close the live logger and release the lock."""
+    case close the live logger and release the lock (once: :meth:`close` may come
+    first, for one run of a group that fails while the others go on)."""
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
+        self.closed = False
 
-    def __enter__(self) -> None:
-        return None
+    def __enter__(self) -> _failures_recorded:
+        return self
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        self.close(exc)
+
+    def close(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
         run = self.recorder.run
         try:
             if exc is None or run.finished:
@@ -451,33 +470,46 @@ def train_or_reuse(cfg: Config, out: Path | str, progress: Progress | None = Non
 def resume(out: Path | str, progress: Progress | None = None) -> Summary:
     """Continue an interrupted run from its last resumable checkpoint, after proving
     that its config is the one the run started with."""
-    run = RunDir.open(out)
     main = Ranks.from_env().main
     signals = StopSignals()
     with signals.installed():
-        if main:
-            run.acquire()  # refuses a run another process is writing
-        try:
-            cfg, tensors, state = _resumable(run)
-            if main:
-                require(cfg.logger.name)  # before data and model are built
+        if not main:
+            cfg, tensors, state = _resumable(RunDir.open(out))
             setup = build(cfg)
-        except BaseException:
-            run.release()
-            raise
-        with joined(setup.ranks):
-            if not main:
+            with joined(setup.ranks):
                 return _loop(NullRecorder(setup.derived.total_steps), setup, state, signals,
                              None, tensors)
-            recorder = Recorder(run, setup.derived.total_steps, setup.evaluator,
-                                setup.sharpness)
-            with _failures_recorded(recorder):
-                if run.derived() != setup.derived:
-                    raise RunDirError(f"{run.path}: the data no longer give the same derived "
-                                      "values as when the run started; cannot resume")
-                _rewind(run, state.step, tensors)
-                recorder.mirror_to(make_logger(cfg, run, resume_step=state.step))
-                return _loop(recorder, setup, state, signals, progress, tensors)
+        recorder, setup, state, tensors = _reopen(out)
+        with joined(setup.ranks), _failures_recorded(recorder):
+            _rewound(recorder, setup, state, tensors)
+            return _loop(recorder, setup, state, signals, progress, tensors)
+
+
+def _reopen(out: Path | str, data: Dataset | None = None,
+            ) -> tuple[Recorder, Setup, TrainState, dict[str, Tensor]]:
+    """Lock an interrupted run, prove its config unchanged and build it again."""
+    run = RunDir.open(out)
+    run.acquire()  # refuses a run another process is writing
+    try:
+        cfg, tensors, state = _resumable(run)
+        require(cfg.logger.name)  # before data and model are built
+        setup = build(cfg, data)
+    except BaseException:
+        run.release()
+        raise
+    return Recorder(run, setup.derived.total_steps, setup.evaluator,
+                    setup.sharpness), setup, state, tensors
+
+
+def _rewound(recorder: Recorder, setup: Setup, state: TrainState,
+             tensors: dict[str, Tensor]) -> None:
+    """Drop the records after the checkpoint and reopen the live logger there."""
+    run = recorder.run
+    if run.derived() != setup.derived:
+        raise RunDirError(f"{run.path}: the data no longer give the same derived "
+                          "values as when the run started; cannot resume")
+    _rewind(run, state.step, tensors)
+    recorder.mirror_to(make_logger(setup.cfg, run, resume_step=state.step))
 
 
 def _resumable(run: RunDir) -> tuple[Config, dict[str, Tensor], TrainState]:
@@ -523,64 +555,109 @@ def _rewind(run: RunDir, step: int, tensors: dict[str, Tensor]) -> None:
 
 def _loop(rec: Recorder, s: Setup, state: TrainState, signals: StopSignals,
           progress: Progress | None, saved: dict[str, Tensor] | None = None) -> Summary:
-    cfg, plan, student, tracker = s.cfg, s.derived, s.student, state.tracker
-    student.train()
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.optim.lr,
-                                momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                                weight_decay=cfg.optim.weight_decay)
-    sampler = BatchSampler(plan.n_train, plan.batch_size, plan.data_seed, s.device,
-                           fixed=cfg.data.sampling == "fixed")
-    if saved is not None:
-        TrainState.restore(saved, student, sampler, optimizer, s.evaluator, s.sharpness)
-    evals, saves = set(plan.eval_steps), set(cfg.checkpoint.steps)
-    sharp = set(plan.sharpness_steps)
-    rec.status("running", step=state.step)
-    if state.step == 0:
-        _evaluate(rec, s, tracker, 0) if 0 in evals else None
-        rec.measure_sharpness(student, 0, tracker.elapsed()) if 0 in sharp else None
-        _save_student(rec, s, "step_0", 0, "step", None) if 0 in saves else None
-    status, reason, done = "completed", None, state.step
-    last_save, probe = time.monotonic(), None
-    with signals.deferring(), denormals_flushed(cfg.train.flush_denormal):
-        for step in range(state.step + 1, plan.total_steps + 1):
+    run = _Run(rec, s, state, saved, progress)
+    with signals.deferring(), denormals_flushed(s.cfg.train.flush_denormal):
+        for step in range(state.step + 1, s.derived.total_steps + 1):
             if s.ranks.any(signals.received is not None, s.device):
                 break
-            lr = lr_at(step, plan.total_steps, cfg.optim.lr, cfg.schedule)
-            loss, gnorm = _sgd_step(s, optimizer, sampler.next(), lr)
-            status, reason = _check(loss, gnorm, step, cfg.train.max_loss)
-            if status == "completed":
-                done = step
-            rec.log_step({"step": step, "lr": lr, "loss": loss, "grad_norm": gnorm,
-                          "dist_teacher": distance(student, s.teacher)})
-            if status != "completed":
+            lr = run.lr(step)
+            loss, gnorm = _sgd_step(s, run.optimizer, run.sampler.next(), lr)
+            if not run.stepped(step, lr, loss, gnorm, distance(s.student, s.teacher)):
                 break
-            tracker.saw_loss(step, loss, math.inf if cfg.loss.supervised
-                             else cfg.train.escape_threshold)
-            if step in evals:
-                record = _evaluate(rec, s, tracker, step)
-                probe = record.get("probe_acc") if record else probe
-            if step in sharp:
-                rec.measure_sharpness(student, step, tracker.elapsed())
-            if step in saves:
-                _save_student(rec, s, f"step_{step}", step, "step", None)
-            due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
-                cfg.checkpoint.every_minutes
-                and time.monotonic() - last_save > 60 * cfg.checkpoint.every_minutes)
-            if s.ranks.any(bool(due), s.device) and step < plan.total_steps:
-                _save_resumable(rec, s, TrainState(step, tracker), sampler, optimizer)
-                last_save = time.monotonic()
-            if progress is not None:
-                progress(step, plan.total_steps, {"loss": loss, "grad_norm": gnorm,
-                                                  "lr": lr, "probe_acc": probe})
-    rec.flush()
-    if signals.received is not None:  # stopped between steps, or during the last one
-        _save_resumable(rec, s, TrainState(done, tracker), sampler, optimizer)
-        rec.status("interrupted", step=done, resumable=True,
-                   reason=f"stopped by signal {signals.received}")
-        raise RunInterrupted(f"interrupted after step {done} of {plan.total_steps}; "
-                             f"resume with: escapelab run --resume {rec.path}",
-                             signals.received)
-    return _finish(rec, s, tracker, status, reason, done)
+    return run.end(signals.received)
+
+
+class _Run:
+    """One run's side of the training loop: its optimizer and batch order, and what
+    follows each step (the step record, evaluations, sharpness, checkpoints). The
+    sequential loop above and a group of runs trained together (:mod:`escapelab.group`)
+    differ only in how the step itself is computed; `pull` brings the student's current
+    weights into ``s.student`` before they are read (a group keeps them stacked)."""
+
+    def __init__(self, rec: Recorder, s: Setup, state: TrainState,
+                 saved: dict[str, Tensor] | None, progress: Progress | None = None,
+                 pull: Callable[[], None] = lambda: None) -> None:
+        cfg, plan = s.cfg, s.derived
+        self.rec, self.s, self.tracker, self.progress, self.pull = (
+            rec, s, state.tracker, progress, pull)
+        s.student.train()
+        self.optimizer = torch.optim.SGD(s.student.parameters(), lr=cfg.optim.lr,
+                                         momentum=cfg.optim.momentum,
+                                         nesterov=cfg.optim.nesterov,
+                                         weight_decay=cfg.optim.weight_decay)
+        self.sampler = BatchSampler(plan.n_train, plan.batch_size, plan.data_seed, s.device,
+                                    fixed=cfg.data.sampling == "fixed")
+        if saved is not None:
+            TrainState.restore(saved, s.student, self.sampler, self.optimizer, s.evaluator,
+                               s.sharpness)
+        self.evals, self.saves = set(plan.eval_steps), set(cfg.checkpoint.steps)
+        self.sharp = set(plan.sharpness_steps)
+        self.status, self.done = "completed", state.step
+        self.reason: str | None = None
+        self.last_save, self.probe = time.monotonic(), None
+        rec.status("running", step=state.step)
+        if state.step == 0:
+            _evaluate(rec, s, self.tracker, 0) if 0 in self.evals else None
+            rec.measure_sharpness(s.student, 0, self.tracker.elapsed()) \
+                if 0 in self.sharp else None
+            _save_student(rec, s, "step_0", 0, "step", None) if 0 in self.saves else None
+
+    def lr(self, step: int) -> float:
+        cfg = self.s.cfg
+        return lr_at(step, self.s.derived.total_steps, cfg.optim.lr, cfg.schedule)
+
+    def stepped(self, step: int, lr: float, loss: float, gnorm: float, dist: Tensor,
+                ) -> bool:
+        """Record step `step` and what is due after it; False once the run stops."""
+        rec, s, cfg, tracker = self.rec, self.s, self.s.cfg, self.tracker
+        self.status, self.reason = _check(loss, gnorm, step, cfg.train.max_loss)
+        if self.status == "completed":
+            self.done = step
+        rec.log_step({"step": step, "lr": lr, "loss": loss, "grad_norm": gnorm,
+                      "dist_teacher": dist})
+        if self.status != "completed":
+            return False
+        tracker.saw_loss(step, loss, math.inf if cfg.loss.supervised
+                         else cfg.train.escape_threshold)
+        if step in self.evals or step in self.sharp or step in self.saves:
+            self.pull()
+        if step in self.evals:
+            record = _evaluate(rec, s, tracker, step)
+            self.probe = record.get("probe_acc") if record else self.probe
+        if step in self.sharp:
+            rec.measure_sharpness(s.student, step, tracker.elapsed())
+        if step in self.saves:
+            _save_student(rec, s, f"step_{step}", step, "step", None)
+        due = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (
+            cfg.checkpoint.every_minutes
+            and time.monotonic() - self.last_save > 60 * cfg.checkpoint.every_minutes)
+        if s.ranks.any(bool(due), s.device) and step < s.derived.total_steps:
+            self.save_resumable(step)
+            self.last_save = time.monotonic()
+        if self.progress is not None:
+            self.progress(step, s.derived.total_steps, {"loss": loss, "grad_norm": gnorm,
+                                                        "lr": lr, "probe_acc": self.probe})
+        return True
+
+    def save_resumable(self, step: int) -> None:
+        self.pull()
+        _save_resumable(self.rec, self.s, TrainState(step, self.tracker), self.sampler,
+                        self.optimizer)
+
+    def end(self, signal: int | None) -> Summary:
+        """The summary; or, stopped by `signal`, a resumable checkpoint and
+        :class:`RunInterrupted`."""
+        rec, plan = self.rec, self.s.derived
+        rec.flush()
+        if signal is not None:  # stopped between steps, or during the last one
+            self.save_resumable(self.done)
+            rec.status("interrupted", step=self.done, resumable=True,
+                       reason=f"stopped by signal {signal}")
+            raise RunInterrupted(f"interrupted after step {self.done} of "
+                                 f"{plan.total_steps}; resume with: escapelab run --resume "
+                                 f"{rec.path}", signal)
+        self.pull()
+        return _finish(rec, self.s, self.tracker, self.status, self.reason, self.done)
 
 
 def _sgd_step(s: Setup, optimizer: torch.optim.Optimizer, idx: Tensor, lr: float,
