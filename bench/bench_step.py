@@ -18,7 +18,8 @@ alternating, and the medians are compared.
 
 Cases: the digits default (convnet 16-32-64, 1x8x8, B 64) and VGG11 on CIFAR-shaped
 synthetic images (3x32x32, B 256). Target: escapelab's throughput >= 0.9x the
-reference's.
+reference's. Each case also runs with ``train.channels_last=true`` against the same
+reference loop in the default layout: the ratio is the layout's gain.
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ from escapelab.train import build, train
 TARGET = 0.9
 QUIET = ["probe.enabled=false", "sharpness.enabled=false", "checkpoint.every=0",
          "checkpoint.every_minutes=0", "train.threads=2"]
+LAYOUT = "train.channels_last=true"
+_VGG = ["data.name=synthetic", "data.synthetic.channels=3", "data.synthetic.size=32",
+        "data.synthetic.n_train=2048", "data.synthetic.n_test=256", "model.name=vgg11",
+        "model.widths=null", "data.batch_size=256"]
 CASES = {
     "digits convnet, B 64": ["data.batch_size=64"],
-    "VGG11, 3x32x32, B 256": ["data.name=synthetic", "data.synthetic.channels=3",
-                              "data.synthetic.size=32", "data.synthetic.n_train=2048",
-                              "data.synthetic.n_test=256", "model.name=vgg11",
-                              "model.widths=null", "data.batch_size=256"],
+    "VGG11, 3x32x32, B 256": _VGG,
+    "digits convnet, B 64, channels-last": ["data.batch_size=64", LAYOUT],
+    "VGG11, 3x32x32, B 256, channels-last": [*_VGG, LAYOUT],
 }
 
 
@@ -109,8 +113,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                           args.steps)
         ours, ref = [], []
         for _ in range(args.repeats):
+            plain = [o for o in overrides if o != LAYOUT]  # the reference: default layout
             ref.append(reference_seconds_per_step(
-                load_config("digits", [*overrides, "train.steps=1"]), warmup, steps))
+                load_config("digits", [*plain, "train.steps=1"]), warmup, steps))
             ours.append(escapelab_seconds_per_step(overrides, warmup, steps))
         ratio = statistics.median(ref) / statistics.median(ours)
         results[name] = {"steps": steps, "warmup": warmup, "repeats": args.repeats,

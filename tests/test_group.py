@@ -9,13 +9,13 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import interrupt_at, tiny_overrides
 
+from conftest import interrupt_at, tiny_overrides
 from escapelab.config import load_config
 from escapelab.errors import RunInterrupted
 from escapelab.group import group_key, start_step, train_group
 from escapelab.store import RunDir
-from escapelab.sweep import Point, aggregate, load_spec, plan_tasks, run_sweep
+from escapelab.sweep import Point, aggregate, expand, load_spec, plan_tasks, run_sweep
 from escapelab.train import resume, train
 
 
@@ -167,9 +167,7 @@ def test_group_keys_separate_what_cannot_share_a_step():
 
 
 def test_plan_tasks_groups_points_and_keeps_every_core_busy(tmp_path):
-    spec = load_spec("step-size")
-    points = [Point(p.label, p.values, p.config) for p in
-              __import__("escapelab.sweep", fromlist=["expand"]).expand(spec)]
+    points = expand(load_spec("step-size"))
     todo = [(p, tmp_path / p.dirname) for p in points]
     one = plan_tasks(todo, 1, True)
     assert len(one) == 1 and len(one[0]) == 18
@@ -186,8 +184,7 @@ def test_plan_tasks_groups_points_and_keeps_every_core_busy(tmp_path):
 def test_sweep_groups_by_default_and_not_with_no_group(tmp_path):
     spec = load_spec("step-size").replace(
         grid={"optim.lr": [1e3, 3e4], "seed": [0, 1]},
-        overrides={k.removeprefix(""): v for k, v in
-                   (o.split("=", 1) for o in tiny_overrides())})
+        overrides=dict(o.split("=", 1) for o in tiny_overrides()))
     for name, group in (("grouped", True), ("alone", False)):
         run_sweep(spec, tmp_path / name, workers=1, group=group)
         envs = [json.loads(p.read_text()) for p in

@@ -249,3 +249,27 @@ def test_denormal_flushing_does_not_leak_out_of_training(tiny_config, tmp_path):
     train(tiny_config(**{"train.steps": 3, "train.flush_denormal": True}), tmp_path / "r")
     assert not flushing_denormals()
     assert float(torch.tensor([1e-40]) * 1.0) > 0  # subnormals survive after a run
+
+
+def test_channels_last_keeps_the_float64_trajectory(tmp_path):
+    """Channels-last memory changes kernels, not the arithmetic: in float64 the run
+    follows the default one to rounding level (1e-4 relative leaves room for the
+    escape's amplification of ~1e-16 differences, and none for a wrong batch, step
+    size, teacher, or a max-pool that breaks ties elsewhere: the digits background
+    gives tied maxima, and torch.compile's max-pool, which breaks them differently,
+    moved the first gradient's norm 4x)."""
+    extra = ["dtype=float64", "train.steps=40", "probe.enabled=false",
+             "sharpness.enabled=false", "checkpoint.every=0", "optim.lr=3e4"]
+    default = train(load_config("digits", extra), tmp_path / "default")
+    other = train(load_config("digits", [*extra, "train.channels_last=true"]),
+                  tmp_path / "other")
+    a = read_jsonl(tmp_path / "default/metrics/steps.jsonl")
+    b = read_jsonl(tmp_path / "other/metrics/steps.jsonl")
+    assert len(a) == len(b) == 40
+    assert a[-1]["loss"] > 1e6 * a[0]["loss"]  # it escaped within the comparison
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "dist_teacher"):
+            assert abs(x[key] - y[key]) <= 1e-4 * abs(x[key]), (key, x, y)
+    assert other.status == default.status == "completed"
+    tensors, _ = RunDir(tmp_path / "other").load_checkpoint("S")  # contiguous on disk
+    assert all(t.is_contiguous() for t in tensors.values())

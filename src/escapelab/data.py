@@ -73,6 +73,12 @@ class Dataset:
                        x_test=self.x_test.to(device, dtype),
                        y_train=self.y_train.to(device), y_test=self.y_test.to(device))
 
+    def channels_last(self) -> Dataset:
+        """The same images in channels-last (NHWC) memory."""
+        fmt = torch.channels_last
+        return replace(self, x_train=self.x_train.contiguous(memory_format=fmt),
+                       x_test=self.x_test.contiguous(memory_format=fmt))
+
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Sorted indices of a deterministic class-stratified subset of `size` samples.

@@ -20,8 +20,8 @@ a signal stops all with resumable checkpoints, each resumable alone or in a grou
 
 What may differ inside a group is :data:`FREE_KEYS`; the rest of the config (model,
 data, batch size, steps, dtype, evaluation schedule...) must be equal. Momentum, weight
-decay, gradient clipping, a cached teacher, torchrun and BatchNorm models are left to
-sequential runs (:func:`group_key` says why).
+decay, gradient clipping, a cached teacher, channels-last memory (which vmap cannot
+query), torchrun and BatchNorm models are left to sequential runs.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ Done = Callable[[int, Result], None]
 def group_key(cfg: Config) -> str | None:
     """What members of one group share (a JSON text), or None if `cfg` must run alone."""
     if (cfg.optim.momentum or cfg.optim.weight_decay or cfg.optim.grad_clip is not None
-            or cfg.train.cache_teacher or cfg.model.batch_norm
+            or cfg.train.cache_teacher or cfg.train.channels_last or cfg.model.batch_norm
             or Ranks.from_env().world > 1):
         return None
     tree = config_to_dict(cfg)

@@ -278,6 +278,10 @@ def build(cfg: Config, data: Dataset | None = None) -> Setup:
     template = build_model(cfg.model, data.input_shape, derived.head_dim)
     teacher, student = make_teacher_student(template, cfg.init, derived.teacher_seed,
                                             derived.student_seed, dtype, device)
+    if cfg.train.channels_last:  # after the draw: the same numbers, another layout
+        data = data.channels_last()
+        for model in (teacher, student):
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loss_fn = make_loss(cfg.loss)
     evaluator = Evaluator.build(data, cfg.probe, loss_fn, derived.probe_seed)
     targets: Tensor | None = None  # None: the teacher sees each micro-batch (see below)

@@ -1,0 +1,46 @@
+"""The benchmark scripts that tests can afford: the GPU script at tiny sizes on the CPU
+(it must not rot between the rare sessions that have a GPU), the sweep benchmark's
+bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def test_gpu_script_runs_every_part_on_the_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    parts = ("matmul", "tf32", "paper_steps", "group", "probe", "analyze")
+    assert all("error" not in result[p] for p in parts), [result[p].get("error") for p in parts]
+    assert all(result[p]["card"] == "cpu (no GPU)" for p in parts)
+    tf32 = result["tf32"]
+    assert tf32["off"]["environment"]["cudnn_allow_tf32"] is False
+    assert tf32["on"]["environment"]["cudnn_allow_tf32"] is True
+    # CPUs have no TF32: the first step is the same either way, and the offset survives
+    assert tf32["on"]["loss_step_1"] == tf32["off"]["loss_step_1"] > 0
+    steps = result["paper_steps"]
+    # VGG11 narrowed 8x on 3x32x32 (+ Linear(64, 512)): multiply-adds per image, counted
+    # here layer by layer; a step is the teacher's and the student's forward, the
+    # student's weight gradients and its input gradients (none for the first conv).
+    macs, channels, size, first = [], 3, 32, None
+    for item in [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]:
+        if item == "M":
+            size //= 2
+            continue
+        width = item // 8
+        macs.append(width * channels * 9 * size * size)
+        first = macs[0] if first is None else first
+        channels = width
+    forward = sum(macs) + channels * 512
+    assert steps["flops_per_step"] == 2 * 256 * (4 * forward - first)
+    assert steps["default"]["fraction_of_matmul"] > 0
+    group = result["group"]
+    assert [a == b for a, b in group["escape_steps_alone_vs_group"]] == [True] * 6
+    assert result["analyze"]["taps"] == 23 and result["analyze"]["checkpoints"] == ["S", "T"]
