@@ -1,7 +1,7 @@
 """All of escapelab's CPU benchmarks in one command (issue 12): a table of ratios with
 their targets, ``bench/results/*.json`` and ``docs/benchmarks.md``.
 
-    python bench/run.py            # everything (about 25 min on 2 cores)
+    python bench/run.py            # everything (about 35 min on 2 cores)
     python bench/run.py --quick    # tiny sizes, every part (a minute; nothing written)
 
 Parts, each measuring its baseline in the same run:
