@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -198,6 +199,17 @@ def test_cli_sweep_prints_the_table(tmp_path):
     assert "phase" in first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True)
     assert "2 points: 0 run, 2 already finished" in second.stdout
+    # the two points trained together (the default), then one process each
+    runs = sorted((tmp_path / "s" / "runs").iterdir())
+    assert [json.loads((r / "environment.json").read_text()).get("group") for r in runs] \
+        == [2, 2]
+    alone = subprocess.run([*cmd[:-len(args)], "--no-group", *args, "seed=1"],
+                           capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr
+    fresh = [r for r in (tmp_path / "s" / "runs").iterdir() if r not in runs]
+    assert len(fresh) == 2
+    assert [json.loads((r / "environment.json").read_text()).get("group") for r in fresh] \
+        == [None, None]
     bad = subprocess.run([sys.executable, "-m", "escapelab", "sweep", "--grid", "lr"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "key=v1,v2" in bad.stderr

@@ -273,3 +273,29 @@ def test_channels_last_keeps_the_float64_trajectory(tmp_path):
     assert other.status == default.status == "completed"
     tensors, _ = RunDir(tmp_path / "other").load_checkpoint("S")  # contiguous on disk
     assert all(t.is_contiguous() for t in tensors.values())
+
+
+def test_dist_teacher_is_the_float64_distance_of_the_saved_weights(tmp_path):
+    """The step record's distance after the last update against NumPy float64 on the
+    checkpoints S and T; and at step 1, where a float32 student is ~1e-6 away and the
+    squares of its differences would underflow float32."""
+    from conftest import tiny_overrides
+
+    train(load_config("digits", tiny_overrides()), tmp_path / "r")
+    run = RunDir(tmp_path / "r")
+    s, _ = run.load_checkpoint("S")
+    t, _ = run.load_checkpoint("T")
+    want = np.sqrt(sum(np.sum((s[k].double().numpy() - t[k].double().numpy()) ** 2)
+                       for k in s))
+    last = read_jsonl(tmp_path / "r/metrics/steps.jsonl")[-1]
+    assert last["dist_teacher"] == pytest.approx(want, rel=1e-7)
+    from escapelab.init import distance
+
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with torch.no_grad():  # differences of ~1e-25: their squares underflow float32
+        a.weight.mul_(1e-24)
+        b.weight.copy_(a.weight * 1.5)
+        b.bias.copy_(a.bias)
+    got = distance(b, a).item()
+    diff = (b.weight.detach().double() - a.weight.detach().double()).numpy()
+    assert got == pytest.approx(np.sqrt(np.sum(diff**2)), rel=1e-6) and got > 1e-26

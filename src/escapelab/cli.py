@@ -612,8 +612,9 @@ def _print_summary(summary: Any, out: Path) -> None:
     console.print(f"escape step {_fmt(s['escape_step'])}; lowest probe accuracy "
                   f"{_fmt(s['min_probe_acc'], True)} at step {_fmt(s['min_probe_acc_step'])}; "
                   f"gain over the teacher {_fmt(gain * 100 if gain is not None else None)} "
-                  f"points; {s['wall_s']:.1f} s")
-    console.print(f"run directory: {out}")
+                  f"points; {s['wall_s']:.1f} s", soft_wrap=True)
+    # soft_wrap: a long path must stay one line (copied, or read by scripts)
+    console.print(f"run directory: {out}", soft_wrap=True)
 
 
 def _warn(message: Any, category: Any, filename: str, lineno: int, file: Any = None,

@@ -39,7 +39,7 @@ from escapelab.config import Config, config_to_dict
 from escapelab.data import Dataset, load_dataset
 from escapelab.errors import RunInterrupted
 from escapelab.models import EscapeNet
-from escapelab.runtime import Ranks, StopSignals, denormals_flushed
+from escapelab.runtime import Ranks, StopSignals, denormals_flushed, resolve_device
 from escapelab.store import RESUME_CHECKPOINT, RunDir, Summary
 from escapelab.train import (
     Progress,
@@ -161,7 +161,9 @@ def train_group(cfgs: Sequence[Config], outs: Sequence[Path | str],
         raise ValueError(f"train_group: the runs start from different steps {starts}")
     signals = StopSignals()
     with signals.installed():
-        data = load_dataset(cfgs[0].data)
+        # one copy of the data for every member, on the device (build() keeps it there)
+        data = load_dataset(cfgs[0].data).to(resolve_device(cfgs[0].device),
+                                              getattr(torch, cfgs[0].dtype))
         members: list[_Member] = []
         try:
             for i, (cfg, out) in enumerate(zip(cfgs, outs, strict=True)):

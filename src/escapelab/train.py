@@ -152,9 +152,9 @@ def accumulate_gradient(model: EscapeNet, x: Tensor, idx: Tensor, targets: Tenso
 def grad_norm(model: torch.nn.Module) -> Tensor:
     """L2 norm of the full gradient, accumulated in float64 (gradients near the teacher
     are ~1e-20 and their squares underflow float32)."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64)
-             for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2,
+                                                                    dtype=torch.float64)))
 
 
 @dataclass
@@ -265,7 +265,8 @@ class Setup:
 
 def build(cfg: Config, data: Dataset | None = None) -> Setup:
     """Data, teacher, student, loss and evaluator for `cfg` (no training). `data`, if
-    given, is ``cfg.data`` already loaded (on the CPU), shared by runs of one process."""
+    given, is ``cfg.data`` already loaded, shared by runs of one process (moved to the
+    run's device and dtype if it is not there: then it is not copied)."""
     device = setup_torch(cfg.train.threads, cfg.train.deterministic, cfg.device,
                          cfg.train.tf32)
     ranks = init_ranks(device)
