@@ -62,6 +62,23 @@ def test_float64_members_follow_their_sequential_runs_for_200_steps(tmp_path):
     assert escaped >= 2  # the comparison covers the escape, not only the stay
 
 
+def test_a_supervised_group_follows_its_sequential_runs(tmp_path):
+    """Labels as targets (no teacher in the step): cross-entropy on the head's logits."""
+    extra = ["dtype=float64", "train.steps=50", "probe.enabled=false",
+             "sharpness.enabled=false", "checkpoint.every=0", "loss.name=ce",
+             "model.d_out=10"]
+    cfgs = [load_config("digits", [*extra, f"optim.lr={lr}", f"seed={seed}"])
+            for lr, seed in ((0.1, 0), (1.0, 1))]
+    train_group(cfgs, [tmp_path / "g0", tmp_path / "g1"])
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"s{i}")
+        grouped, alone = steps(tmp_path / f"g{i}"), steps(tmp_path / f"s{i}")
+        assert grouped[-1]["loss"] < 0.5 * grouped[0]["loss"]  # it learns
+        for a, b in zip(grouped, alone, strict=True):
+            assert relative(a["loss"], b["loss"]) < 1e-9
+            assert relative(a["grad_norm"], b["grad_norm"]) < 1e-9
+
+
 def test_float32_group_run_directories_look_like_sequential_ones(tmp_path):
     """Same files, same teacher numbers, and the student's step-1 loss of a float32 run
     equal to its sequential run's: a teacher computed through another kernel than its
