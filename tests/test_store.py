@@ -7,6 +7,7 @@ a few seconds; the processes that get killed are real subprocesses of the CLI.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -229,6 +230,32 @@ def test_an_edited_config_is_refused_on_resume(tmp_path):
     assert "optim.lr" in cli.stderr
     path.write_text(original)  # restored: the run continues
     assert resume(out).status == "completed"
+
+
+def test_a_run_started_before_a_config_key_existed_still_resumes(tmp_path, reference):
+    """An escapelab upgrade that adds a config key (at a default that keeps the old
+    behaviour) must not strand interrupted runs: their config.yaml lacks the key, its
+    text still has the digest recorded at the start, and resume finishes them exactly."""
+    out = _interrupted(tmp_path)
+    path = out / "config.yaml"
+    text = path.read_text()
+    assert "  channels_last: false\n" in text
+    older = text.replace("  channels_last: false\n", "")  # as the version before wrote it
+    path.write_text(older)
+    derived = json.loads((out / "derived.json").read_text())
+    derived["config_sha256"] = hashlib.sha256(older.encode()).hexdigest()
+    (out / "derived.json").write_text(json.dumps(derived))
+    assert resume(out).status == "completed"
+    _same_run(out, reference)
+    # An edit of such a file is still refused.
+    other = _interrupted(tmp_path / "b")
+    other_text = (other / "config.yaml").read_text().replace("  channels_last: false\n", "")
+    derived = json.loads((other / "derived.json").read_text())
+    derived["config_sha256"] = hashlib.sha256(other_text.encode()).hexdigest()
+    (other / "derived.json").write_text(json.dumps(derived))
+    (other / "config.yaml").write_text(other_text.replace("lr: 30000.0", "lr: 100.0"))
+    with pytest.raises(RunDirError, match="was edited since the run started"):
+        resume(other)
 
 
 def test_a_corrupt_middle_line_is_reported_and_no_valid_record_is_lost(tmp_path, reference):

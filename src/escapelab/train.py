@@ -18,6 +18,7 @@ start-up they stop it at once. A resumable checkpoint is also written every
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -510,7 +511,10 @@ def _rewound(recorder: Recorder, setup: Setup, state: TrainState,
              tensors: dict[str, Tensor]) -> None:
     """Drop the records after the checkpoint and reopen the live logger there."""
     run = recorder.run
-    if run.derived() != setup.derived:
+    # config_sha256 differs for a run started before a config key was added (see
+    # _resumable); every value that follows from config and data must not
+    if run.derived().model_copy(update={"config_sha256": setup.derived.config_sha256}) \
+            != setup.derived:
         raise RunDirError(f"{run.path}: the data no longer give the same derived "
                           "values as when the run started; cannot resume")
     _rewind(run, state.step, tensors)
@@ -528,7 +532,12 @@ def _resumable(run: RunDir) -> tuple[Config, dict[str, Tensor], TrainState]:
     tensors, meta = run.load_checkpoint(RESUME_CHECKPOINT)
     from escapelab.config import config_digest
 
-    if config_digest(cfg) != run.derived().config_sha256:
+    # The digest is that of config.yaml's text as written at the start: a file whose
+    # text still has it is unedited, even if this version of escapelab re-dumps it with
+    # keys added since (at their defaults, which keep the behaviour it started with).
+    digest = run.derived().config_sha256
+    unedited = hashlib.sha256(run.config_text().encode()).hexdigest() == digest
+    if config_digest(cfg) != digest and not unedited:
         started = meta.get("config")
         changes = config_changes(started, config_to_dict(cfg)) if started else []
         raise RunDirError(f"{run.path / CONFIG_FILE} was edited since the run started"
