@@ -92,7 +92,7 @@ def start_step(cfg: Config, out: Path | str) -> int | None:
     if run.finished:
         return None
     if run.has_checkpoint(RESUME_CHECKPOINT):
-        return int(run.load_checkpoint(RESUME_CHECKPOINT)[1]["step"])
+        return int(run.checkpoint_meta(RESUME_CHECKPOINT)["step"])
     return 0
 
 

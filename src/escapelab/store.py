@@ -744,14 +744,20 @@ class RunDir:
         _atomic_write(self.checkpoint_path(name), lambda tmp: tmp.write_bytes(blob))
         write_json(self.checkpoint_path(name).with_suffix(".json"), {"name": name, **meta})
 
+    def checkpoint_meta(self, name: str) -> dict[str, Any]:
+        """The metadata of one checkpoint (its JSON sidecar), without reading its
+        tensors; one line if missing or damaged."""
+        path = self.checkpoint_path(name)
+        if not path.exists():
+            raise RunDirError(f"checkpoint {name!r} not found in {path.parent}")
+        return read_json(path.with_suffix(".json"))
+
     def load_checkpoint(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) of one checkpoint; one line if missing or damaged."""
         from safetensors.torch import load_file
 
         path = self.checkpoint_path(name)
-        if not path.exists():
-            raise RunDirError(f"checkpoint {name!r} not found in {path.parent}")
-        meta = read_json(path.with_suffix(".json"))
+        meta = self.checkpoint_meta(name)
         try:
             tensors = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types

@@ -433,7 +433,7 @@ class _failures_recorded:
             if exc is None or run.finished:
                 return
             resumable = run.has_checkpoint(RESUME_CHECKPOINT)
-            step = run.load_checkpoint(RESUME_CHECKPOINT)[1]["step"] if resumable else 0
+            step = run.checkpoint_meta(RESUME_CHECKPOINT)["step"] if resumable else 0
             if isinstance(exc, RunInterrupted | KeyboardInterrupt):
                 current = run.status()
                 if current is None or current.status != "interrupted":
@@ -549,7 +549,7 @@ def _resumable(run: RunDir) -> tuple[Config, dict[str, Tensor], TrainState]:
 
 def _rewind(run: RunDir, step: int, tensors: dict[str, Tensor]) -> None:
     """Records after the checkpoint are recomputed; those before it must all be there."""
-    _, meta = run.load_checkpoint(RESUME_CHECKPOINT)
+    meta = run.checkpoint_meta(RESUME_CHECKPOINT)
     kept = run.rewind(step)
     expected = meta.get("records") or {}
     for name, count in zip(("steps", "evals", "sharpness"), kept.values(), strict=True):
