@@ -64,7 +64,6 @@ FREE_KEYS: tuple[str, ...] = ("seed", "optim.lr", "init.sigma_eps", "init.teache
                               "init.rescale", "schedule", "name", "logger")
 
 Result = Summary | BaseException
-Done = Callable[[int, Result], None]
 
 
 def group_key(cfg: Config) -> str | None:
@@ -103,7 +102,7 @@ class Stack:
     def __init__(self, models: Sequence[EscapeNet]) -> None:
         from torch.func import functional_call, stack_module_state, vmap
 
-        params, buffers = stack_module_state(list(models))  # type: ignore[arg-type]
+        params, buffers = stack_module_state(list(models))
         self.params: dict[str, Tensor] = params
         self.buffers: dict[str, Tensor] = buffers
         base = copy.deepcopy(models[0]).to("meta")
@@ -138,14 +137,12 @@ class _Member:
 
 
 def train_group(cfgs: Sequence[Config], outs: Sequence[Path | str],
-                done: Done | None = None, progress: Progress | None = None,
-                ) -> list[Result]:
+                progress: Progress | None = None) -> list[Result]:
     """Train the runs `cfgs` into `outs` together (one :func:`group_key`, one
     :func:`start_step`): each new (replacing whatever is in its folder) or resumed from
     its checkpoint. Returns, per run, its summary or the exception that stopped it
-    (:class:`RunInterrupted` for a signal); `done(i, result)` is called as each ends,
-    `progress` after each step of the first run that starts (as in
-    :func:`escapelab.train.train`)."""
+    (:class:`RunInterrupted` for a signal); `progress` is called after each step of the
+    first run that starts (as in :func:`escapelab.train.train`)."""
     keys = {group_key(c) for c in cfgs}
     if len(keys) != 1 or None in keys:
         raise ValueError("train_group: the runs do not form one group")
@@ -153,8 +150,6 @@ def train_group(cfgs: Sequence[Config], outs: Sequence[Path | str],
 
     def finish(i: int, result: Result) -> None:
         results[i] = result
-        if done is not None:
-            done(i, result)
 
     starts = [start_step(c, o) for c, o in zip(cfgs, outs, strict=True)]
     if len({k for k in starts if k is not None}) > 1:
@@ -192,23 +187,16 @@ def _start(i: int, cfg: Config, out: Path | str, resumed: bool, size: int, data:
     try:
         if resumed:
             recorder, setup, state, tensors = _reopen(out, data)
-            guard = _failures_recorded(recorder)
-            try:
-                _rewound(recorder, setup, state, tensors)
-            except BaseException as exc:
-                guard.close(exc)
-                raise
         else:
             prepared = _prepare(cfg, out, overwrite=True)
             setup = _build_for(prepared, cfg, data)
             recorder, state, tensors = _recorder(prepared, setup), TrainState(0, Tracker()), None
-            guard = _failures_recorded(recorder)
-            try:
-                _write_start(recorder, setup, {"group": size})
-            except BaseException as exc:
-                guard.close(exc)
-                raise
+        guard = _failures_recorded(recorder)
         try:
+            if resumed:
+                _rewound(recorder, setup, state, tensors)  # type: ignore[arg-type]
+            else:
+                _write_start(recorder, setup, {"group": size})
             run = _Run(recorder, setup, state, tensors, progress)
         except BaseException as exc:
             guard.close(exc)
