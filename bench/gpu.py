@@ -50,6 +50,8 @@ import torch
 from escapelab.config import load_config
 from escapelab.store import RunDir, read_jsonl
 
+OUT = Path("bench/results")  # main() sets it to --out
+
 PAPER = ["data.name=synthetic", "data.synthetic.channels=3", "data.synthetic.size=32",
          "data.synthetic.n_classes=10", "train.epochs=null", "sharpness.enabled=false",
          "checkpoint.every=0", "checkpoint.every_minutes=0", "probe.train_samples=null"]
@@ -187,19 +189,72 @@ def probe(quick: bool, tmp: Path) -> dict[str, Any]:
 
 
 def analyze(quick: bool, tmp: Path) -> dict[str, Any]:
-    from escapelab.analyze import analyze as run_analysis
+    """`escapelab analyze` at n = 10,000 over every tap, with where its time goes: seconds
+    per stage (features, spectra, separability, k-means, CKA, probe) and per checkpoint
+    and tap, written to ``analyze_progress.json`` as it goes (a time-out keeps them)."""
+    from unittest import mock
+
+    import escapelab.analyze as module
     from escapelab.config import AnalysisOptions
 
     n = 500 if quick else 10000
     run = tmp / "analyze_run"
     _train([f"data.synthetic.n_train={max(n, 1024)}", f"data.synthetic.n_test={n}",
             "train.steps=20", "probe.enabled=false"], run, quick)
-    t0 = time.perf_counter()
-    result = run_analysis(run, AnalysisOptions(samples=n, probe_samples=min(n, 5000)))
-    sync()
-    return {"n": n, "seconds": time.perf_counter() - t0,
-            "checkpoints": sorted({r["checkpoint"] for r in result.rows}),
-            "taps": len({r["layer"] for r in result.rows})}
+    stages: dict[str, float] = {}
+    taps: list[list[Any]] = []
+    progress_path = OUT / "analyze_progress.json"
+
+    def timed(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            sync()
+            t = time.perf_counter()
+            value = fn(*args, **kwargs)
+            sync()
+            stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - t
+            return value
+        return wrapper
+
+    def progress(checkpoint: str, tap: str) -> None:
+        taps.append([checkpoint, tap, time.perf_counter() - t0])
+        progress_path.write_text(json.dumps({"n": n, "stages_s": stages, "taps": taps}))
+
+    patches = [mock.patch.object(module, name, timed(stage, getattr(module, name)))
+               for name, stage in (("_collect", "features"), ("_cka", "cka"),
+                                   ("linear_probe_accuracy", "probe"),
+                                   ("kmeans_labels", "kmeans"))]
+    patches += [mock.patch.object(module.GramView, name,
+                                  timed(name, getattr(module.GramView, name)))
+                for name in ("singular_values", "fisher")]
+    for patch in patches:
+        patch.start()
+    try:
+        t0 = time.perf_counter()
+        result = module.analyze(run, AnalysisOptions(samples=n, probe_samples=min(n, 5000)),
+                                progress=progress)
+        sync()
+        seconds = time.perf_counter() - t0
+    finally:
+        for patch in patches:
+            patch.stop()
+    checkpoints = sorted({r["checkpoint"] for r in result.rows})
+    taps_n = len({r["layer"] for r in result.rows})
+    return {"n": n, "seconds": seconds, "stages_s": stages, "checkpoints": checkpoints,
+            "taps": taps_n, "summary": f"{seconds:.1f} s for {len(checkpoints)} checkpoints "
+            f"x {taps_n} taps (" + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+            + ")"}
+
+
+def _rates(result: dict[str, Any]) -> None:
+    """The training step's FLOP rate and its fraction of the matmul rate, once both parts
+    are in (after every part, so that a time-out keeps them)."""
+    steps, mm = result.get("paper_steps", {}), result.get("matmul", {})
+    if "flops_per_step" in steps and "tflops" in mm:
+        for name in ("default", "channels_last"):
+            if name in steps:
+                rate = steps["flops_per_step"] / steps[name]["seconds_per_step"] / 1e12
+                steps[name]["tflops"] = rate
+                steps[name]["fraction_of_matmul"] = rate / mm["tflops"]
 
 
 def main() -> None:
@@ -209,9 +264,12 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated parts")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    global OUT
+    OUT = args.out
     path = args.out / "gpu.json"
     result: dict[str, Any] = {"card": card(), "torch": torch.__version__,
-                              "cuda": torch.version.cuda, "quick": args.quick}
+                              "cuda": torch.version.cuda, "quick": args.quick,
+                              "measured": time.strftime("%Y-%m-%d")}
     parts: dict[str, Callable[..., dict[str, Any]]] = {
         "matmul": lambda q, t: matmul(q), "tf32": tf32, "paper_steps": paper_steps,
         "group": group, "probe": probe, "analyze": analyze}
@@ -227,16 +285,9 @@ def main() -> None:
             except Exception:  # one part's failure must not lose the others
                 result[name] = {"card": card(), "error": traceback.format_exc()}
             result[name]["part_s"] = time.perf_counter() - t0
+            _rates(result)
             print(json.dumps(result[name], default=str)[:400], flush=True)
             path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    steps, mm = result.get("paper_steps", {}), result.get("matmul", {})
-    if "flops_per_step" in steps and "tflops" in mm:
-        for name in ("default", "channels_last"):
-            if name in steps:
-                rate = steps["flops_per_step"] / steps[name]["seconds_per_step"] / 1e12
-                steps[name]["tflops"] = rate
-                steps[name]["fraction_of_matmul"] = rate / mm["tflops"]
-        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {path}")
 
 

@@ -16,6 +16,8 @@ Parts, each measuring its baseline in the same run:
 - **step** (``bench_step.py``): escapelab's training loop vs a plain reference loop;
 - **sweep** (``bench_sweep.py``): the step-size preset (18 runs) with runs per process
   vs one process per run, on the same cores;
+- **kmeans**: analyze's k-means (label-free separability) in torch vs scikit-learn's
+  KMeans, on a wide conv tap of a random VGG11 on real images;
 - **main job**: ``make run``'s parts in seconds: training alone (probes and sharpness
   off), the probes and sharpness measurements (the difference to the full run, the
   sharpness part from its records), ``analyze`` and ``report``.
@@ -142,6 +144,49 @@ def _cifar_shaped_fashion_mnist(n: int, n_test: int) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------
+# k-means of analyze's label-free separability
+
+
+def kmeans(quick: bool) -> dict[str, Any]:
+    """torch k-means (escapelab.metrics.kmeans_labels) vs scikit-learn's KMeans (what
+    analyze ran before) on a wide conv tap of a random VGG11 on real images, the same
+    settings (k 10, k-means++, 4 seedings): seconds and inertia (a float64 NumPy sum over
+    the clusters, the same for both)."""
+    from sklearn.cluster import KMeans
+
+    from escapelab.metrics import kmeans_labels
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    n, tap = (300, "relu2") if quick else (2000, "relu2")
+    cfg = load_config("cifar10-vgg11")
+    data = _cifar_shaped_fashion_mnist(n, 10)
+    template = build_model(cfg.model, data.input_shape, cfg.model.d_out)
+    teacher, _ = make_teacher_student(template, cfg.init, 0, 1, torch.float32, "cpu")
+    with torch.no_grad():
+        x = torch.cat([teacher.forward_taps(chunk, [tap])[tap].flatten(1)
+                       for chunk in data.x_train.split(250)])
+    x64 = x.double().numpy()
+
+    def inertia(labels: np.ndarray) -> float:
+        return sum(float(((x64[labels == j] - x64[labels == j].mean(0)) ** 2).sum())
+                   for j in np.unique(labels))
+
+    out: dict[str, Any] = {"n": n, "tap": tap, "d": int(x.shape[1]), "k": 10}
+    t0 = time.perf_counter()
+    labels = KMeans(10, n_init=4, random_state=0).fit_predict(x64)
+    out["sklearn"] = {"wall_s": time.perf_counter() - t0, "inertia": inertia(labels)}
+    t0 = time.perf_counter()
+    labels = kmeans_labels(x, 10, seed=0)
+    out["torch_float32"] = {"wall_s": time.perf_counter() - t0, "inertia": inertia(labels)}
+    out["speedup"] = out["sklearn"]["wall_s"] / out["torch_float32"]["wall_s"]
+    out["inertia_ratio"] = out["torch_float32"]["inertia"] / out["sklearn"]["inertia"]
+    print(f"  k-means {n} x {out['d']}: sklearn {out['sklearn']['wall_s']:.1f} s, torch "
+          f"{out['torch_float32']['wall_s']:.1f} s, inertia ratio {out['inertia_ratio']:.4f}",
+          flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # main job
 
 
@@ -196,6 +241,12 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for name, v in step["cases"].items():
             out.append((f"training step, {name}", f"{v['throughput_ratio']:.3f}x",
                         ">= 0.9x", "yes" if v["met"] else "no"))
+    km = results.get("kmeans")
+    if km:
+        out.append((f"analyze k-means, VGG11 {km['tap']} ({km['n']} x {km['d']}), torch vs "
+                    "scikit-learn", f"{km['speedup']:.2f}x (inertia x"
+                    f"{km['inertia_ratio']:.4f})", "inertia <= 1.01x",
+                    "yes" if km["inertia_ratio"] <= 1.01 else "no"))
     sweep = results.get("sweep")
     if sweep:
         misses = [what for what, ok in (("speedup", sweep["speedup"] >= bench_sweep.TARGET),
@@ -236,9 +287,56 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Step-size sweep: one process per run {sweep['sequential_s']:.0f} s, "
                   f"runs per process {sweep['grouped_s']:.0f} s (groups of "
                   f"{', '.join(map(str, sweep['group_sizes']))})."]
-    lines += ["", "The GPU checks (`bench/gpu.py`) run only on a lent GPU machine; see "
-              "bench/results/gpu.json when there is one.", ""]
+    lines += ["", *gpu_markdown(), ""]
     return "\n".join(lines)
+
+
+def gpu_markdown() -> list[str]:
+    """The latest `bench/gpu.py` results (bench/results/gpu.json), if a GPU was lent."""
+    path = RESULTS / "gpu.json"
+    if not path.exists():
+        return ["The GPU checks (`bench/gpu.py`) run only on a lent GPU machine; none has "
+                "been yet."]
+    g = json.loads(path.read_text())
+    lines = ["## GPU (`bench/gpu.py`)", "",
+             f"{g['card']}, torch {g['torch']}, CUDA {g['cuda']}, measured "
+             f"{g.get('measured', '')}. Every part records the card's name "
+             "(bench/results/gpu.json).", "", "| what | value |", "|---|---|"]
+    mm, tf, st = g.get("matmul", {}), g.get("tf32", {}), g.get("paper_steps", {})
+    if "tflops" in mm:
+        lines.append(f"| float32 matmul rate, TF32 off ({mm['n']}^2) | "
+                     f"{mm['tflops']:.1f} TFLOP/s |")
+    for flag in ("off", "on"):
+        if flag in tf:
+            lines.append(f"| paper preset, student's loss at step 1, TF32 {flag} | "
+                         f"{tf[flag]['loss_step_1']:.3g}"
+                         f"{' (the offset erased)' if tf[flag]['offset_erased'] else ''} |")
+    for name in ("default", "channels_last"):
+        if name in st:
+            v = st[name]
+            frac = (f", {v['tflops']:.1f} TFLOP/s = {100 * v['fraction_of_matmul']:.0f}% of "
+                    "the matmul rate" if "tflops" in v else "")
+            lines.append(f"| paper preset (VGG11, B 256, 50,000 synthetic 3x32x32), "
+                         f"{name.replace('_', '-')} | {v['steps_per_s']:.1f} steps/s, "
+                         f"{v['images_per_s']:,.0f} images/s{frac} |")
+    if "flops_per_step" in st:
+        lines.append(f"| FLOPs per training step (FlopCounterMode) | "
+                     f"{st['flops_per_step'] / 1e9:.0f} GFLOP |")
+    gr = g.get("group", {})
+    if "speedup" in gr:
+        same = all(a == b for a, b in gr["escape_steps_alone_vs_group"])
+        lines.append(f"| {gr['runs']} digits runs x {gr['steps']} steps, runs per process vs "
+                     f"one after the other | {gr['speedup']:.2f}x ({gr['group_s']:.1f} vs "
+                     f"{gr['sequential_s']:.1f} s; escape steps "
+                     f"{'identical' if same else 'differ'}) |")
+    pr = g.get("probe", {})
+    if "seconds" in pr:
+        lines.append(f"| one evaluation at {pr['n_train']:,} x {pr['d']} (features, probe, "
+                     f"kNN, spectra) | {pr['seconds']:.2f} s |")
+    an = g.get("analyze", {})
+    if an:
+        lines.append(f"| analyze, VGG11, n = {an['n']:,}, every tap | {an['summary']} |")
+    return lines
 
 
 def main() -> None:
@@ -246,7 +344,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes; writes nothing")
     p.add_argument("--skip", default="", help="comma-separated parts to skip (their "
                    "latest results are reused in the table): probe, "
-                   "vgg11_probe, step, sweep, main_job")
+                   "vgg11_probe, step, kmeans, sweep, main_job")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick}
@@ -264,6 +362,9 @@ def main() -> None:
                                        warmup=8 if args.quick else 40,
                                        repeats=1 if args.quick else 3, only="")
         results["step"] = bench_step.run(step_args)
+    if "kmeans" not in skip:
+        print("k-means", flush=True)
+        results["kmeans"] = kmeans(args.quick)
     if "sweep" not in skip:
         print("sweep (bench_sweep.py)", flush=True)
         results["sweep"] = bench_sweep.run(args.quick)
@@ -284,7 +385,7 @@ def main() -> None:
         print(f"{what:<{width}}  {ratio:>22}  target {target:<20} {met}")
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        for part in ("probe", "vgg11_probe", "step", "sweep", "main_job"):
+        for part in ("probe", "vgg11_probe", "step", "kmeans", "sweep", "main_job"):
             if part in results and part not in skip:
                 (RESULTS / f"{part}.json").write_text(json.dumps(
                     {"machine": results["machine"], part: results[part]}, indent=1,

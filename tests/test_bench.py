@@ -43,4 +43,11 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path):
     assert steps["default"]["fraction_of_matmul"] > 0
     group = result["group"]
     assert [a == b for a, b in group["escape_steps_alone_vs_group"]] == [True] * 6
-    assert result["analyze"]["taps"] == 23 and result["analyze"]["checkpoints"] == ["S", "T"]
+    analyze = result["analyze"]
+    assert analyze["taps"] == 23 and analyze["checkpoints"] == ["S", "T"]
+    # where analyze's time goes, also written as it goes (a time-out on the GPU keeps it)
+    stages = analyze["stages_s"]
+    assert set(stages) == {"features", "singular_values", "fisher", "kmeans", "cka", "probe"}
+    assert 0 < sum(stages.values()) <= analyze["seconds"]
+    progress = json.loads((tmp_path / "analyze_progress.json").read_text())
+    assert [c for c, _, _ in progress["taps"]] == ["T"] * 23 + ["S"] * 23

@@ -10,7 +10,8 @@ each layer tap, on a fixed stratified sample of one split:
 - ``tr_between``, ``tr_within``, ``tr_total``, ``discriminant`` under the true labels,
   and ``discriminant_rel_teacher`` = discriminant / the teacher's at the same tap
   (Fig. 3a, 3b); the same four with k-means cluster labels as ``kmeans_*`` (the paper's
-  footnote 1: no labels needed);
+  footnote 1: no labels needed; k-means in torch on the analysis device,
+  :func:`escapelab.metrics.kmeans_labels`, or scikit-learn's with ``kmeans_solver``);
 - ``probe_acc`` (Fig. 3c): a logistic-regression probe on the tap's standardized
   features, fit on training images and scored on test images, on the analysis device
   with the run's probe settings (:mod:`escapelab.probe`; ``probe_solver`` overrides the
@@ -247,7 +248,8 @@ def _tap_metrics(feats: Tensor, labels: np.ndarray, num_classes: int,
     out["condition_number"] = _cond(s, options.mass)
     out.update(view.fisher(labels, options.pinv_rtol))
     if options.label_free:
-        clusters = kmeans_labels(flat, num_classes, seed=options.seed)
+        clusters = kmeans_labels(flat, num_classes, seed=options.seed,
+                                 solver=options.kmeans_solver)
         out.update({f"kmeans_{k}": v
                     for k, v in view.fisher(clusters, options.pinv_rtol).items()})
     return out

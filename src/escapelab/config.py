@@ -502,6 +502,10 @@ class AnalysisOptions(_Options):
         "for the teacher, fit cold in both; to the tolerance where training warm-started).")
     label_free: bool = Field(True, description="Also the k-means variant of separability "
                              "(paper footnote 1).")
+    kmeans_solver: Literal["torch", "sklearn"] = Field(
+        "torch", description="k-means of the label-free variant: torch (on the features' "
+        "device; scikit-learn's algorithm and settings) or sklearn (KMeans itself, "
+        "float64 on the CPU: the reference, slow for wide conv taps).")
     batch_size: int = Field(500, ge=1, description="Images per forward pass.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     memory_gb: float = Field(2.0, gt=0, description="Budget for the stored features of one "
