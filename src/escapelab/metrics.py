@@ -487,7 +487,7 @@ def kmeans_labels(X: ArrayLike, k: int, seed: int = 0, n_init: int = 4,
     x = _as_tensor(X).detach()
     k = max(1, min(k, len(x)))
     generator = torch.Generator().manual_seed(seed)
-    sq = (x * x).sum(1)
+    sq = torch.linalg.vector_norm(x, dim=1).square()  # no n x d temporary
     threshold = tol * float(x.var(0, unbiased=False).mean()) if len(x) > 1 else 0.0
     best: tuple[float, Tensor] | None = None
     for _ in range(n_init):
