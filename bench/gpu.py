@@ -122,8 +122,10 @@ def paper_steps(quick: bool, tmp: Path) -> dict[str, Any]:
         walls = [_train([*base, f"train.steps={k}"], tmp / f"steps_{name}_{k}", quick)
                  for k in (short, long)]
         per_step = (walls[1] - walls[0]) / (long - short)
-        out[name] = {"seconds_per_step": per_step, "steps_per_s": 1 / per_step,
-                     "images_per_s": 256 / per_step}
+        out[name] = ({"seconds_per_step": per_step, "steps_per_s": 1 / per_step,
+                      "images_per_s": 256 / per_step} if per_step > 0 else
+                     {"seconds_per_step": None, "note": "the longer run was not slower: "
+                      "start-up noise exceeds the extra steps' time (--quick)"})
     out["flops_per_step"] = _step_flops(quick)
     return out
 
@@ -251,7 +253,7 @@ def _rates(result: dict[str, Any]) -> None:
     steps, mm = result.get("paper_steps", {}), result.get("matmul", {})
     if "flops_per_step" in steps and "tflops" in mm:
         for name in ("default", "channels_last"):
-            if name in steps:
+            if steps.get(name, {}).get("seconds_per_step"):
                 rate = steps["flops_per_step"] / steps[name]["seconds_per_step"] / 1e12
                 steps[name]["tflops"] = rate
                 steps[name]["fraction_of_matmul"] = rate / mm["tflops"]

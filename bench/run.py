@@ -312,7 +312,7 @@ def gpu_markdown() -> list[str]:
                          f"{tf[flag]['loss_step_1']:.3g}"
                          f"{' (the offset erased)' if tf[flag]['offset_erased'] else ''} |")
     for name in ("default", "channels_last"):
-        if name in st:
+        if st.get(name, {}).get("seconds_per_step"):
             v = st[name]
             frac = (f", {v['tflops']:.1f} TFLOP/s = {100 * v['fraction_of_matmul']:.0f}% of "
                     "the matmul rate" if "tflops" in v else "")

@@ -40,7 +40,9 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path):
         channels = width
     forward = sum(macs) + channels * 512
     assert steps["flops_per_step"] == 2 * 256 * (4 * forward - first)
-    assert steps["default"]["fraction_of_matmul"] > 0
+    # at --quick sizes the time of 4 steps is within start-up noise: no timing asserted
+    assert all(steps[k]["seconds_per_step"] is None or steps[k]["fraction_of_matmul"] > 0
+               for k in ("default", "channels_last"))
     group = result["group"]
     assert [a == b for a, b in group["escape_steps_alone_vs_group"]] == [True] * 6
     analyze = result["analyze"]
