@@ -235,9 +235,8 @@ class Preconditioner:
     3,020 (float32; 5,226 -> 3,089 in float64 in ``bench/bench_probe.py``, where the
     digits run's small fits went from 1,321 to 1,457); on a small move to tol 1e-8
     W = 0's alone made the warm fit slower than a cold one (311 vs 290 iterations), the
-    mean does not. In V the Hessian of f at the
-    start is about the identity along the data directions, whatever the features'
-    correlations."""
+    mean does not. In V the Hessian of f at the start is about the identity along the
+    data directions, whatever the features' correlations."""
 
     p: Tensor  # (d, d), x's dtype
     p_inv: Tensor  # (d, d)
