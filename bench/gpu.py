@@ -50,8 +50,6 @@ import torch
 from escapelab.config import load_config
 from escapelab.store import RunDir, read_jsonl
 
-OUT = Path("bench/results")  # main() sets it to --out
-
 PAPER = ["data.name=synthetic", "data.synthetic.channels=3", "data.synthetic.size=32",
          "data.synthetic.n_classes=10", "train.epochs=null", "sharpness.enabled=false",
          "checkpoint.every=0", "checkpoint.every_minutes=0", "probe.train_samples=null"]
@@ -190,7 +188,7 @@ def probe(quick: bool, tmp: Path) -> dict[str, Any]:
             "probe_acc": record.get("probe_acc"), "device": str(setup.device)}
 
 
-def analyze(quick: bool, tmp: Path) -> dict[str, Any]:
+def analyze(quick: bool, tmp: Path, out: Path) -> dict[str, Any]:
     """`escapelab analyze` at n = 10,000 over every tap, with where its time goes: seconds
     per stage (features, spectra, separability, k-means, CKA, probe) and per checkpoint
     and tap, written to ``analyze_progress.json`` as it goes (a time-out keeps them)."""
@@ -205,7 +203,7 @@ def analyze(quick: bool, tmp: Path) -> dict[str, Any]:
             "train.steps=20", "probe.enabled=false"], run, quick)
     stages: dict[str, float] = {}
     taps: list[list[Any]] = []
-    progress_path = OUT / "analyze_progress.json"
+    progress_path = out / "analyze_progress.json"
 
     def timed(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -266,15 +264,14 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated parts")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    global OUT
-    OUT = args.out
     path = args.out / "gpu.json"
     result: dict[str, Any] = {"card": card(), "torch": torch.__version__,
                               "cuda": torch.version.cuda, "quick": args.quick,
                               "measured": time.strftime("%Y-%m-%d")}
     parts: dict[str, Callable[..., dict[str, Any]]] = {
         "matmul": lambda q, t: matmul(q), "tf32": tf32, "paper_steps": paper_steps,
-        "group": group, "probe": probe, "analyze": analyze}
+        "group": group, "probe": probe,
+        "analyze": lambda q, t: analyze(q, t, args.out)}
     only = set(filter(None, args.only.split(",")))
     with tempfile.TemporaryDirectory(prefix="escapelab_gpu_") as tmp:
         for name, part in parts.items():

@@ -157,7 +157,7 @@ def kmeans(quick: bool) -> dict[str, Any]:
     from escapelab.metrics import kmeans_labels
 
     torch.set_num_threads(os.cpu_count() or 1)
-    n, tap = (300, "relu2") if quick else (2000, "relu2")
+    n, tap = 300 if quick else 2000, "relu2"
     cfg = load_config("cifar10-vgg11")
     data = _cifar_shaped_fashion_mnist(n, 10)
     template = build_model(cfg.model, data.input_shape, cfg.model.d_out)
