@@ -287,8 +287,41 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Step-size sweep: one process per run {sweep['sequential_s']:.0f} s, "
                   f"runs per process {sweep['grouped_s']:.0f} s (groups of "
                   f"{', '.join(map(str, sweep['group_sizes']))})."]
-    lines += ["", *gpu_markdown(), ""]
+    lines += ["", *gpu_markdown(), "", *study_markdown(), ""]
     return "\n".join(lines)
+
+
+def study_markdown() -> list[str]:
+    """The studies' measured wall times (bench/results/study.json, from `bench/study_cost.py
+    --record`) and the paper-scale study's GPU cost estimated from gpu.json."""
+    import study_cost
+
+    lines = ["## The study (`escapelab study`)", ""]
+    path = RESULTS / "study.json"
+    if path.exists():
+        s = json.loads(path.read_text())
+        parts = list(s["studies"][0]["parts_s"]) if s["studies"] else []
+        lines += [f"Measured whole on this project's {s['machine']['cpus']}-core CPU machine "
+                  f"({s['measured']}), one call each, minutes per part:", "",
+                  "| scale | " + " | ".join(parts) + " | total | verdicts |",
+                  "|---" * (len(parts) + 3) + "|"]
+        for st in s["studies"]:
+            c = st["counts"]
+            lines.append(f"| {st['scale']} | " + " | ".join(
+                f"{st['parts_s'][p] / 60:.1f}" for p in parts)
+                + f" | **{st['total_s'] / 60:.1f}** | {c['holds']} hold, {c['partly']} partly, "
+                f"{c['does not hold']} do not, {c['not measured']} not measured |")
+        lines.append("")
+    gpu = RESULTS / "gpu.json"
+    if gpu.exists():
+        lines += [*study_cost.markdown("cifar10-vgg11", json.loads(gpu.read_text())), "",
+                  "Not included (not measured on a GPU yet): the sharpness measurements, "
+                  "`analyze`, finetuning and start-up. The batch-size part's cost is "
+                  "dominated by its full-batch runs (6,000 steps of 49,152 images: 4.8 h per "
+                  "seed). Slurm (`--slurm`) spreads the runs over the cards there are. "
+                  "`fashion-mnist-vgg11` costs the same to within 2% (1x32x32 inputs, "
+                  "19,500-step runs).", ""]
+    return lines
 
 
 def gpu_markdown() -> list[str]:

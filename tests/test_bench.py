@@ -53,3 +53,26 @@ def test_gpu_script_runs_every_part_on_the_cpu(tmp_path):
     assert 0 < sum(stages.values()) <= analyze["seconds"]
     progress = json.loads((tmp_path / "analyze_progress.json").read_text())
     assert [c for c, _, _ in progress["taps"]] == ["T"] * 23 + ["S"] * 23
+
+
+def test_gpu_study_script_runs_every_part_on_the_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_study.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "gpu_study.json").read_text())
+    assert all("error" not in result[p] for p in ("flagship", "group_vgg")), result
+    flagship = result["flagship"]
+    assert flagship["card"] == "cpu (no GPU)" and flagship["steps"] == 120
+    assert flagship["summary"]["status"] == "completed"
+    # VGG11 on 1x32x32 (Fashion-MNIST padded): every tap analysed at T, C and S
+    analysis = json.loads((tmp_path / "flagship_run" / "analysis.json").read_text())
+    assert flagship["analyze_taps"] == len(analysis["layers"]) == 23
+    assert set(analysis["checkpoints"]) == {"T", "C", "S"} and analysis["samples"] == 500
+    sharpness = (tmp_path / "flagship_run" / "metrics" / "sharpness.jsonl").read_text()
+    assert len(sharpness.splitlines()) > 2
+    assert (tmp_path / "flagship_run" / "report.html").exists()
+    ids = {c["id"] for c in flagship["claims"]}
+    assert {"signal-collapse-single-digit", "sep-student-discriminant"} <= ids
+    assert "step-small-stays" not in ids  # one run answers no step-size trend
+    group = result["group_vgg"]
+    assert group["runs"] == 3 and group["steps"] == 10

@@ -495,18 +495,117 @@ def status(paths: tuple[Path, ...]) -> None:
     done = True
     for path in paths:
         kind = kind_of(path)
+        if kind == "study":
+            done = _study_status(path) and done
+            continue
         if kind == "sweep":
             sweep = SweepDir(path)
             runs = [(p["run"], sweep.run(p["run"])) for p in sweep.meta()["points"]]
         elif kind == "run":
             runs = [(str(path), RunDir.open(path))]
         else:
-            raise EscapelabError(f"{path} is not a run directory or a sweep folder")
+            raise EscapelabError(f"{path} is not a run directory, a sweep folder or a "
+                                 "study folder")
         for name, run in runs:
             text = run.state_text() if run.path.is_dir() else "not started"
             done = done and text.startswith("completed")
             click.echo(f"{name}: {text}")
     sys.exit(0 if done else 1)
+
+
+@cli.command(help="""The paper's whole study at one scale, and a verdict on each claim.
+
+Runs the LR range test (Fig. 1a), the step-size, batch-size and loss x warm-up sweeps
+(Figs. 1b-d, 4), the layerwise analysis of the representative runs (Figs. 2, 3) and
+finetuning from T, C and S (Sec. 4), each part an ordinary escapelab folder inside OUT;
+then judges every claim of the paper (escapelab.claims: the quantity, the rule, the
+verdict holds / partly / does not hold / not measured), prints the claims table and
+writes OUT/claims.json and OUT/report.html. A second call skips what is finished and
+resumes what was interrupted.
+
+
+Scales (escapelab/studies/*.yaml, or a YAML plan of the same form):
+  digits               scikit-learn digits, small convnet: ~10 min on 2 CPU cores
+  fashion-mnist        Fashion-MNIST, convnet 16-128: <= 60 min on 2 CPU cores
+  fashion-mnist-vgg11  VGG11 on Fashion-MNIST padded to 32x32: a GPU
+  cifar10-vgg11        the paper's: CIFAR-10, VGG11, 20k-step runs: GPUs
+""")
+@click.option("--scale", default="digits", show_default=True,
+              help="A study scale (digits, fashion-mnist, fashion-mnist-vgg11, "
+              "cifar10-vgg11) or a YAML plan.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Study folder (default: runs/study-<scale>).")
+@click.option("--parts", default=None, help="Comma-separated parts to run now (default: "
+              "all): lr-range, step-size, batch-size, loss-warmup, analyze, finetune.")
+@click.option("--slurm", "use_slurm", is_flag=True, help="Send the sweeps' runs to Slurm "
+              "(as `escapelab sweep --backend slurm`); the rest runs here.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker processes of the sweeps (default: one per core).")
+@click.option("--group/--no-group", default=True, show_default=True,
+              help="Train sweep points that can share a process together (as `sweep`).")
+@model_options(SlurmOptions)
+def study(scale: str, out: Path | None, parts: str | None, use_slurm: bool,
+          workers: int | None, group: bool, **slurm: Any) -> None:
+    from escapelab import study as studies
+
+    plan = studies.load_plan(scale)
+    out = out or Path("runs") / f"study-{plan.name}"
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip()) if parts else None
+    t0 = time.perf_counter()
+    result = studies.run_study(
+        plan, out, parts=chosen, backend="slurm" if use_slurm else "local", workers=workers,
+        slurm=build_options(SlurmOptions, slurm), group=group,
+        say=lambda text: click.echo(text, err=True))
+    _print_claims(result["claims"]["claims"])
+    states = {name: entry["state"] for name, entry in result["parts"].items()}
+    asked = chosen or tuple(states)
+    unfinished = [f"{n} ({s})" for n, s in states.items() if s != "done" and n in asked]
+    later = [f"{n} ({s})" for n, s in states.items() if s != "done" and n not in asked]
+    click.echo(f"study {plan.name}: {time.perf_counter() - t0:.0f} s this call; "
+               + (f"unfinished parts: {', '.join(unfinished)}" if unfinished
+                  else "every part done" if not later else "the parts asked for are done")
+               + (f"; other parts not done: {', '.join(later)}" if later else ""))
+    click.echo(f"claims: {out / 'claims.json'}")
+    click.echo(f"report: {out / 'report.html'}")
+    if unfinished:
+        sys.exit(1)
+
+
+def _print_claims(claims: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    colors = {"holds": "green", "partly": "yellow", "does not hold": "red",
+              "not measured": "dim", "found": "blue"}
+    table = Table(title="The paper's claims, here", box=None, show_lines=False)
+    table.add_column("figure")
+    table.add_column("claim", max_width=48)
+    table.add_column("verdict")
+    table.add_column("measured here (mean ± std over seeds)", max_width=60)
+    for c in claims:
+        verdict = c["verdict"]
+        table.add_row(c["figure"], c["statement"], f"[{colors[verdict]}]{verdict}[/]",
+                      c["value"] if verdict != "not measured" else c["detail"])
+    Console(width=170).print(table)
+
+
+def _study_status(path: Path) -> bool:
+    """Print a study's parts and its unfinished runs; True if every part is done."""
+    from escapelab.study import SWEEP_PARTS, part_runs, read_plan
+
+    plan, state = read_plan(path)
+    done = True
+    for name, entry in state["parts"].items():
+        message = f" ({entry['message']})" if entry.get("message") else ""
+        click.echo(f"{name}: {entry['state']}{message}, {entry.get('wall_s', 0.0):.0f} s")
+        done = done and entry["state"] == "done"
+        if name in SWEEP_PARTS:
+            for point, run in part_runs(plan, path, name):
+                if not run.path.is_dir():
+                    click.echo(f"  {point.dirname}: not started")
+                elif run.summary() is None:  # an ended run (diverged included) is done
+                    click.echo(f"  {point.dirname}: {run.state_text()}")
+    return done
 
 
 @cli.command(help=f"""Print the resolved config of a preset with overrides (YAML).

@@ -102,6 +102,10 @@ class DataConfig(_Section):
     subset: int | None = Field(None, ge=1, description="Use a deterministic stratified "
                                "subset of this many training images (the paper's full-batch "
                                "runs use 49152 = 192 x 256 CIFAR-10 images).")
+    pad: int = Field(0, ge=0, le=64, description="Zero pixels added on every side of "
+                     "every image before standardization (2 turns 28x28 Fashion-MNIST into "
+                     "the 32x32 that VGG11's five poolings need; the padded border counts in "
+                     "the standardization statistics).")
     normalize: bool = Field(True, description="Per-channel standardization with training-"
                             "split statistics.")
     batch_size: BatchSize = Field(64, description="Images per SGD step, or 'full' for full-"

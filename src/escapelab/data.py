@@ -120,6 +120,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                             f"images of {cfg.name}")
         keep = stratified_subset(y_tr, cfg.subset, cfg.split_seed)
         x_tr, y_tr = x_tr[keep], y_tr[keep]
+    if cfg.pad:  # zeros on every side, in pixel space (black for images in [0, 1])
+        width = ((0, 0), (0, 0), (cfg.pad, cfg.pad), (cfg.pad, cfg.pad))
+        x_tr, x_te = np.pad(x_tr, width), np.pad(x_te, width)
     channels = x_tr.shape[1]
     if cfg.normalize:
         mean = x_tr.mean(axis=(0, 2, 3), dtype=np.float64)

@@ -29,6 +29,7 @@ from escapelab.store import (
     SWEEP_TABLE_CSV,
     RangeDir,
     RunDir,
+    StudyDir,
     SweepDir,
     atomic_write_text,
     kind_of,
@@ -91,8 +92,8 @@ def load_run(path: Path) -> RunData:
 def _kind(path: Path) -> str:
     kind = kind_of(path)
     if kind is None:
-        raise EscapelabError(f"{path} is not a run directory, a sweep folder or an LR range "
-                             "test folder")
+        raise EscapelabError(f"{path} is not a run directory, a sweep folder, an LR range "
+                             "test folder or a study folder")
     return kind
 
 
@@ -408,6 +409,12 @@ figcaption { font-size: 0.9em; color: #444; max-width: 900px; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .phase-escapes { color: #2a7a2a; font-weight: bold; } .phase-diverges { color: #b00; }
 .phase-collapses { color: #b06000; } .phase-stays { color: #555; }
+.answer { font-size: 1.15em; } td.verdict { text-align: left; font-weight: bold; }
+.v-holds { color: #2a7a2a; } .v-partly { color: #b06000; } .v-does-not-hold { color: #b00; }
+.v-not-measured { color: #777; } .v-found { color: #235a9c; }
+td.text { text-align: left; max-width: 28em; } td.rule { font-size: 0.85em; color: #555; }
+.wide { overflow-x: auto; } #claims th { text-align: left; }
+#claims th.group { background: #e8eef6; }
 """
 
 
@@ -428,15 +435,67 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def run_sentence(summary: dict[str, Any]) -> str:
+    """One sentence of result for a finished run, in steps, ranks and points."""
+    status, steps = summary.get("status"), summary.get("steps_completed")
+    if status in ("diverged", "capped"):
+        why = f" ({summary['reason']})" if summary.get("reason") else ""
+        return f"The run {status} at step {steps} of {summary.get('total_steps')}{why}."
+    parts = []
+    escape, collapse = summary.get("escape_step"), summary.get("collapse_step")
+    if escape is None:
+        parts.append("never left its teacher (the loss stayed below train.escape_threshold)")
+    else:
+        parts.append(f"escaped at step {escape}")
+        rank = summary.get("erank_collapse")
+        if collapse is not None and rank is not None:
+            parts.append(f"collapsed to effective rank {rank:.3g} at step {collapse}")
+        recovery = summary.get("recovery_step")
+        if recovery is not None:
+            parts.append(f"was back at the teacher's probe accuracy by step {recovery}")
+    gain, teacher, final = (summary.get("gain"), summary.get("teacher_probe_acc"),
+                            summary.get("final_probe_acc"))
+    if gain is not None and teacher is not None and final is not None:
+        where = "above" if gain >= 0 else "below"
+        parts.append(f"ended {abs(100 * gain):.2f} points {where} its teacher "
+                     f"({100 * teacher:.2f}% -> {100 * final:.2f}% linear probe accuracy) "
+                     f"after {steps} steps")
+    text = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    return "The student " + text + "."
+
+
 def _summary_section(summary: dict[str, Any] | None, state: str = "") -> str:
     if summary is None:
         return (f"<p><b>This run has not finished</b> ({html.escape(state)}): figures show "
                 "what was recorded so far.</p>")
     pct = {"teacher_probe_acc", "final_probe_acc", "min_probe_acc", "probe_acc_collapse",
-           "teacher_knn_acc", "final_knn_acc", "gain", "dead_frac_teacher",
+           "teacher_knn_acc", "final_knn_acc", "dead_frac_teacher",
            "dead_frac_collapse", "dead_frac_final", "changed_frac"}
-    rows = [[html.escape(k), html.escape(_fmt(v, k in pct))] for k, v in summary.items()]
-    return _table(["summary", "value"], rows)
+    s = summary
+    tcs = _table(["", "teacher T", "collapse C", "final S"], [
+        ["linear probe accuracy", *(html.escape(_fmt(s.get(k), True)) for k in (
+            "teacher_probe_acc", "probe_acc_collapse", "final_probe_acc"))],
+        ["kNN accuracy", html.escape(_fmt(s.get("teacher_knn_acc"), True)), "-",
+         html.escape(_fmt(s.get("final_knn_acc"), True))],
+        ["encoder effective rank", *(html.escape(_fmt(s.get(k))) for k in (
+            "erank_teacher", "erank_collapse", "erank_final"))],
+        ["dead encoder units", *(html.escape(_fmt(s.get(k), True)) for k in (
+            "dead_frac_teacher", "dead_frac_collapse", "dead_frac_final"))],
+        ["step", "0", html.escape(_fmt(s.get("collapse_step"))),
+         html.escape(_fmt(s.get("steps_completed")))]])
+    rows = []
+    for k, v in summary.items():
+        if k == "gain":
+            text = "-" if v is None else f"{100 * v:+.2f} points"
+        elif k == "wall_s":
+            text = f"{v:.1f} s"
+        else:
+            text = _fmt(v, k in pct)
+        rows.append([html.escape(k), html.escape(text)])
+    return (f'<p class="answer" id="run-sentence">{html.escape(run_sentence(summary))}</p>'
+            + f'<div id="tcs">{tcs}</div>'
+            + "<details><summary>every summary value (summary.json)</summary>"
+            + _table(["key", "value"], rows) + "</details>")
 
 
 def _layer_table(analysis: dict[str, Any]) -> str:
@@ -492,13 +551,93 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(path: Path | str) -> Path:
-    """Draw every figure the data in `path` supports and write ``report.html``."""
-    path = Path(path)
-    kind = _kind(path)
-    title = f"escapelab {kind}: {path.name}"
+STUDY_SOURCES = (("lr-range", "lr-range"), ("step-size", "step-size"),
+                 ("batch-size", "batch-size"), ("loss-warmup", "loss-warmup"))
+
+
+def _study_content(path: Path) -> tuple[list[str], list[Drawn], str]:
+    """A study's page: the answer, the claims table, the parts, then every part's
+    figures (ids prefixed by the part; ``rep`` is the first seed's representative run)."""
+    from escapelab.study import read_plan, representatives
+
+    plan, state = read_plan(path)
+    sources = [(prefix, path / folder) for prefix, folder in STUDY_SOURCES]
+    rep = SweepDir(path / "step-size").run_path(representatives(plan)[0].dirname)
+    sources.append(("rep", rep))
+    drawn: list[Drawn] = []
+    for prefix, folder in sources:
+        kind = kind_of(folder) if folder.is_dir() else None
+        if kind is None:
+            continue
+        first = representatives(plan)[0].config
+        what = (f"representative run (eta {first.optim.lr:g}, seed {first.seed})"
+                if prefix == "rep" else prefix)
+        for d in _content(folder, kind)[1]:
+            drawn.append(Drawn(f"{prefix}-{d.id}", f"{what}: {d.title}", d.caption, d.figure))
+    ids = {d.id for d in drawn}
+    claims = (StudyDir(path).claims() or {}).get("claims", [])
+    sections = [_claims_section(plan.name, claims, ids), _parts_section(state)]
+    return sections, drawn, json.dumps(state["plan"], indent=2)
+
+
+def _claims_section(scale: str, claims: list[dict[str, Any]], ids: set[str]) -> str:
+    if not claims:
+        return "<p>No claims evaluated yet: run <code>escapelab study</code>.</p>"
+    counts = {v: sum(1 for c in claims if c["verdict"] == v)
+              for v in ("holds", "partly", "does not hold", "not measured", "found")}
+    judged = len(claims) - counts["found"]
+    answer = (f"At the {scale} scale, {counts['holds']} of the paper's {judged} claims "
+              f"hold, {counts['partly']} hold partly, {counts['does not hold']} do not hold"
+              f" and {counts['not measured']} were not measured; {counts['found']} "
+              "follow-up questions are answered with what was found.")
+    rows = []
+    group = None
+    for c in claims:
+        if c.get("group") != group:
+            group = c.get("group")
+            rows.append([f'<th colspan="6" class="group">{html.escape(str(group))}</th>'])
+        anchor = (c.get("link") or "").replace("/", "-")
+        figure = html.escape(c["figure"])
+        if anchor in ids:
+            figure = f'<a href="#{html.escape(anchor)}">{figure}</a>'
+        verdict = html.escape(c["verdict"])
+        detail = (f'<br><small>{html.escape(c["detail"])}</small>' if c.get("detail") else "")
+        rows.append([figure, f'<td class="text">{html.escape(c["statement"])}',
+                     f'<td class="verdict v-{verdict.replace(" ", "-")}">{verdict}',
+                     f'<td class="text">{html.escape(c["value"])}{detail}',
+                     f'<td class="text">{html.escape(c["paper"])}',
+                     f'<td class="text rule"><i>{html.escape(c["quantity"])}.</i> '
+                     f'{html.escape(c["rule"])}'])
+    head = "".join(f"<th>{h}</th>" for h in ("figure", "claim", "verdict", "measured here",
+                                              "paper", "quantity and rule"))
+    body = "".join(f"<tr>{row[0]}</tr>" if len(row) == 1 else
+                   "<tr><td>" + row[0] + "</td>" + "</td>".join(row[1:]) + "</td></tr>"
+                   for row in rows)
+    return (f'<p class="answer" id="study-answer">{html.escape(answer)}</p>'
+            "<h2>Claims</h2><p>Each claim of the paper in our words, the quantity that "
+            "tests it on this study's runs (mean ± std over seeds), the paper's value, and "
+            "the rule behind the verdict (thresholds are constants in "
+            "<code>escapelab.claims</code>). Accuracies are linear-probe accuracies; "
+            "points are percentage points.</p>"
+            f'<table id="claims"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+
+
+def _parts_section(state: dict[str, Any]) -> str:
+    rows = [[html.escape(name), html.escape(entry.get("state", "")),
+             html.escape(entry.get("message", "")),
+             html.escape(f"{entry.get('wall_s', 0.0) / 60:.1f} min")]
+            for name, entry in state["parts"].items()]
+    return ("<h2>Parts</h2><p>Each part is an ordinary escapelab folder inside this one "
+            "(<code>escapelab report</code> and <code>status</code> work on each).</p>"
+            + _table(["part", "state", "", "wall time"], rows))
+
+
+def _content(path: Path, kind: str) -> tuple[list[str], list[Drawn], str]:
+    """The sections, figures and configuration text of the report of `path`."""
     sections: list[str] = []
     drawn: list[Drawn]
+    if kind == "study":
+        return _study_content(path)
     if kind == "run":
         data = load_run(path)
         drawn = run_figures(data)
@@ -506,7 +645,8 @@ def write_report(path: Path | str) -> Path:
         if data.analysis is not None:
             sections.append("<h2>Layerwise analysis</h2><p>Per layer tap at the teacher T, "
                             "the collapse C and the student S (see Figs. 2 and 3 below; "
-                            "analysis.csv has every metric).</p>" + _layer_table(data.analysis))
+                            "analysis.csv has every metric).</p>"
+                            + f'<div class="wide">{_layer_table(data.analysis)}</div>')
         else:
             sections.append("<p>No layerwise analysis yet: run <code>escapelab analyze "
                             f"{html.escape(str(path))}</code> and then <code>escapelab "
@@ -523,12 +663,22 @@ def write_report(path: Path | str) -> Path:
         payload = RangeDir(path).payload()
         drawn = [Drawn("fig1a_lr_range", "LR range test (Fig. 1a)", CAPTIONS["fig1a"],
                        plots.lr_range_figure(payload))]
-        rows = [[html.escape(c), _fmt(info["depart_lr"]), _fmt(info["diverge_lr"])]
+        rows = [[html.escape(c), html.escape(_fmt(info["depart_lr"])),
+                 html.escape(_fmt(info["diverge_lr"]))]
                 for c, info in payload["curves"].items()]
         sections.append("<h2>Detected step sizes (median over seeds)</h2>"
                         + _table(["curve", "departs at eta", "diverges at eta"], rows)
-                        + f"<p>Rules: {html.escape(payload['rules'])}</p>")
+                        + f"<p>Rules: {html.escape(str(payload['rules']))}</p>")
         config = str(payload["options"])
+    return sections, drawn, config
+
+
+def write_report(path: Path | str) -> Path:
+    """Draw every figure the data in `path` supports and write ``report.html``."""
+    path = Path(path)
+    kind = _kind(path)
+    title = f"escapelab {kind}: {path.name}"
+    sections, drawn, config = _content(path, kind)
     figures_dir = path / FIGURES_DIR
     figure_html = []
     with writing(figures_dir):

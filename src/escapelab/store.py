@@ -99,6 +99,9 @@ SLURM_DIR = "slurm"
 # An LR range test folder
 LR_RANGE_CSV = "lr_range.csv"
 LR_RANGE_JSON = "lr_range.json"
+# A study folder (escapelab.study): the plan and its parts' states, the claims' verdicts
+STUDY_FILE = "study.json"
+CLAIMS_FILE = "claims.json"
 
 RunState = Literal["starting", "running", "interrupted", "failed", "completed", "diverged",
                    "capped"]
@@ -811,8 +814,10 @@ def _first_existing(path: Path) -> Path:
     return Path("/")
 
 
-def kind_of(path: Path) -> Literal["run", "sweep", "lr-range"] | None:
+def kind_of(path: Path) -> Literal["run", "sweep", "lr-range", "study"] | None:
     """What escapelab folder `path` is, by the files it holds."""
+    if (path / STUDY_FILE).exists():
+        return "study"
     if (path / SWEEP_FILE).exists():
         return "sweep"
     if (path / LR_RANGE_JSON).exists():
@@ -894,6 +899,36 @@ class RangeDir:
         return self.path / LR_RANGE_JSON
 
 
+class StudyDir:
+    """A study folder (escapelab.study): study.json (the plan, each part's state and
+    wall time), one folder per part (an LR range test folder, three sweep folders),
+    claims.json, report.html and figures/. Written by one process at a time (.lock)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def part_path(self, part: str) -> Path:
+        return self.path / part
+
+    def state(self) -> dict[str, Any] | None:
+        path = self.path / STUDY_FILE
+        return dict(read_json(path)) if path.exists() else None
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        write_json(self.path / STUDY_FILE, state)
+
+    def claims(self) -> dict[str, Any] | None:
+        path = self.path / CLAIMS_FILE
+        return dict(read_json(path)) if path.exists() else None
+
+    def write_claims(self, payload: dict[str, Any]) -> None:
+        write_json(self.path / CLAIMS_FILE, payload)
+
+    @property
+    def claims_path(self) -> Path:
+        return self.path / CLAIMS_FILE
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What produced a run: versions, git SHA of escapelab's source, device, threads."""
     import numpy
@@ -932,5 +967,5 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-__all__ = ["RunDir", "SweepDir", "RangeDir", "Status", "Summary", "SharpnessRecord", "RunLock",
-           "config_digest", "config_changes"]
+__all__ = ["RunDir", "SweepDir", "RangeDir", "StudyDir", "Status", "Summary", "SharpnessRecord",
+           "RunLock", "config_digest", "config_changes"]
