@@ -212,3 +212,54 @@ def test_report_cli(analysed_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "escapelab", "report", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_the_report_never_writes_or_deletes_through_a_link(analysed_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(analysed_run, run)
+    write_report(run)
+    manifest = json.loads((run / "figures" / "manifest.json").read_text())
+    assert "fig1_probe.png" in manifest and "fig1_probe.pdf" in manifest
+    # a user's own file in figures/ stays; a figure the report wrote and no longer draws
+    # goes; a figure file that is a link is replaced, its target untouched
+    (run / "figures" / "my_notes.png").write_bytes(b"mine")
+    (run / "figures" / "fig_old.png").write_bytes(b"old")
+    (run / "figures" / "manifest.json").write_text(json.dumps([*manifest, "fig_old.png"]))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (run / "figures" / "fig1_probe.png").unlink()
+    (run / "figures" / "fig1_probe.png").symlink_to(victim)
+    write_report(run)
+    assert victim.read_text() == "precious"
+    assert not (run / "figures" / "fig1_probe.png").is_symlink()
+    assert (run / "figures" / "fig1_probe.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "figures" / "my_notes.png").read_bytes() == b"mine"
+    assert not (run / "figures" / "fig_old.png").exists()
+    # figures/ itself a link to another folder: refused in one line, nothing touched there
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.png").write_bytes(b"holiday")
+    shutil.rmtree(run / "figures")
+    (run / "figures").symlink_to(photos)
+    result = subprocess.run([sys.executable, "-m", "escapelab", "report", str(run)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "is a symbolic link" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in photos.iterdir()) == ["holiday.png"]
+
+
+def test_hostile_strings_reach_the_page_as_text(tmp_path):
+    folder = tmp_path / "lr"
+    run_lr_range(load_config("digits", tiny_overrides()), folder,
+                 RangeOptions(steps=30, seeds=(0,)))
+    payload = json.loads((folder / "lr_range.json").read_text())
+    payload["curves"]["escape"]["depart_lr"] = "<script>alert(1)</script>"
+    (folder / "lr_range.json").write_text(json.dumps(payload))
+    page = write_report(folder).read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)" in page
+    # a sweep label with TeX that matplotlib cannot parse is drawn as text
+    spec = SweepSpec(name="tex", base="digits", overrides={
+        k: v for k, v in (o.split("=", 1) for o in tiny_overrides(**{"train.steps": 20}))},
+        grid={"schedule": [{"label": r"$\undefinedmacro$", "schedule.name": "constant"}]})
+    run_sweep(spec, tmp_path / "sweep", workers=1)
+    assert (write_report(tmp_path / "sweep")).exists()

@@ -449,8 +449,12 @@ def test_files_follow_the_umask(tmp_path):
 def test_report_removes_figures_it_no_longer_draws(tmp_path):
     out = tmp_path / "run"
     assert _run("run", "--quiet", "--out", str(out), *tiny_overrides()).returncode == 0
-    stale = out / "figures" / "fig2a_erank.png"
+    stale = out / "figures" / "fig2a_erank.png"  # as if an earlier report had drawn it
     stale.write_bytes(b"old")
+    manifest = out / "figures" / "manifest.json"
+    manifest.write_text(json.dumps([*json.loads(manifest.read_text()), stale.name]))
+    mine = out / "figures" / "fig2b_dead.png"  # the user's, not in the manifest: kept
+    mine.write_bytes(b"mine")
     result = _run("report", str(out))
     assert result.returncode == 0 and "fig2a_erank" not in result.stdout
-    assert not stale.exists()
+    assert not stale.exists() and mine.read_bytes() == b"mine"

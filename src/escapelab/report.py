@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
 from escapelab import plots
 from escapelab.errors import EscapelabError
 from escapelab.store import (
-    FIGURES_DIR,
     REPORT_FILE,
     SWEEP_TABLE_CSV,
     RangeDir,
@@ -33,7 +33,7 @@ from escapelab.store import (
     SweepDir,
     atomic_write_text,
     kind_of,
-    writing,
+    write_figures,
 )
 
 
@@ -551,6 +551,12 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _pdf(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="pdf")
+    return buffer.getvalue()
+
+
 STUDY_SOURCES = (("lr-range", "lr-range"), ("step-size", "step-size"),
                  ("batch-size", "batch-size"), ("loss-warmup", "loss-warmup"))
 
@@ -662,7 +668,7 @@ def _content(path: Path, kind: str) -> tuple[list[str], list[Drawn], str]:
     else:
         payload = RangeDir(path).payload()
         drawn = [Drawn("fig1a_lr_range", "LR range test (Fig. 1a)", CAPTIONS["fig1a"],
-                       plots.lr_range_figure(payload))]
+                       plots.lr_range_figure(_numeric_marks(payload)))]
         rows = [[html.escape(c), html.escape(_fmt(info["depart_lr"])),
                  html.escape(_fmt(info["diverge_lr"]))]
                 for c, info in payload["curves"].items()]
@@ -673,24 +679,38 @@ def _content(path: Path, kind: str) -> tuple[list[str], list[Drawn], str]:
     return sections, drawn, config
 
 
+def _numeric_marks(payload: dict[str, Any]) -> dict[str, Any]:
+    """The LR range payload with every detected step size that is not a finite number
+    (a hand-edited or foreign lr_range.json) dropped from the figure's marks."""
+    def number(value: Any) -> float | None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok and math.isfinite(value) and value > 0 else None
+
+    def marks(info: dict[str, Any]) -> dict[str, Any]:
+        return {k: number(v) if k.endswith("_lr") or k.endswith("_lr_min")
+                or k.endswith("_lr_max") else v for k, v in info.items()}
+
+    curves = {}
+    for name, info in payload.get("curves", {}).items():
+        curves[name] = {**marks(info), "seeds": {seed: marks(v) for seed, v in
+                                                 info.get("seeds", {}).items()}}
+    return {**payload, "curves": curves}
+
+
 def write_report(path: Path | str) -> Path:
     """Draw every figure the data in `path` supports and write ``report.html``."""
     path = Path(path)
     kind = _kind(path)
     title = f"escapelab {kind}: {path.name}"
-    sections, drawn, config = _content(path, kind)
-    figures_dir = path / FIGURES_DIR
+    # Labels are text, never mathtext: a sweep label or folder name with "$...$" (a
+    # user's choice) must not make matplotlib parse, and fail on, TeX.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        sections, drawn, config = _content(path, kind)
     figure_html = []
-    with writing(figures_dir):
-        figures_dir.mkdir(exist_ok=True)
-        ids = {d.id for d in drawn}
-        for old in [*figures_dir.glob("*.png"), *figures_dir.glob("*.pdf")]:
-            if old.stem not in ids:  # a figure the data no longer supports is not kept
-                old.unlink()
-        pngs = {d.id: _png(d.figure) for d in drawn}
-        for d in drawn:
-            (figures_dir / f"{d.id}.png").write_bytes(pngs[d.id])
-            d.figure.savefig(figures_dir / f"{d.id}.pdf")
+    pngs = {d.id: _png(d.figure) for d in drawn}
+    files = {f"{d.id}.png": pngs[d.id] for d in drawn}
+    files.update({f"{d.id}.pdf": _pdf(d.figure) for d in drawn})
+    write_figures(path, files)
     for d in drawn:
         png = pngs[d.id]
         encoded = base64.b64encode(png).decode()

@@ -51,6 +51,7 @@ import os
 import platform
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -85,6 +86,7 @@ FINETUNE_CURVES = "finetune/curves.jsonl"  # one record per (start, seed, evalua
 FINETUNE_JSON = "finetune/finetune.json"  # the options and the comparison of the starts
 REPORT_FILE = "report.html"
 FIGURES_DIR = "figures"
+FIGURES_MANIFEST = "figures/manifest.json"  # the figure files the report wrote
 RESUME_CHECKPOINT = "last"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"  # made by wandb itself inside the folder it is given (the run's)
@@ -184,19 +186,59 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: Path) -> Any:
-    """A JSON file, or one RunDirError line if it is missing, empty or damaged."""
+MAX_JSON_BYTES = 256 * 2**20  # summary.json, analysis.json ... are kilobytes to megabytes
+MAX_JSONL_BYTES = 4 * 2**30  # a 19,500-step run's steps.jsonl is ~3 MB
+
+
+def read_bytes(path: Path, limit: int) -> bytes:
+    """The content of a regular file (a link to one is followed), at most `limit` bytes;
+    never blocks on a FIFO or device and never reads without bound: anything else is one
+    RunDirError line. FileNotFoundError passes through."""
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise RunDirError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RunDirError(f"{path} is not a regular file (a FIFO, device or folder); "
+                              "escapelab reads only files it wrote")
+        if info.st_size > limit:
+            raise RunDirError(f"{path} is {info.st_size:,} bytes, more than the "
+                              f"{limit:,} escapelab reads from such a file")
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # grown since fstat
+                raise RunDirError(f"{path} is larger than the {limit:,} bytes escapelab "
+                                  "reads from such a file")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise RunDirError(f"cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or one RunDirError line if it is missing, empty, damaged, not a
+    regular file, too large or nested too deeply."""
+    try:
+        text = read_bytes(path, MAX_JSON_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise RunDirError(f"{path} is missing") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunDirError(f"cannot read {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RunDirError(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         what = "empty" if not text.strip() else f"damaged ({exc.msg} at line {exc.lineno})"
         raise RunDirError(f"{path} is {what}") from None
+    except RecursionError:
+        raise RunDirError(f"{path} is damaged (nested too deeply)") from None
 
 
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -208,10 +250,23 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     with writing(path):
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
+        with _append(path) as f:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _append(path: Path) -> Any:
+    """`path` opened for appending text, never through a symbolic link (a link there is
+    one RunDirError line: appending would write into whatever file it points to)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunDirError(f"{path} is a symbolic link; escapelab appends only to files "
+                              "of its own (remove the link)") from None
+        raise
+    return os.fdopen(fd, "a")
 
 
 def scan_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
@@ -221,12 +276,10 @@ def scan_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]
     killed mid-line): it is neither a record nor damage. Any other unreadable line is
     damage; the records after it are kept.
     """
-    if not path.exists():
-        return [], []
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RunDirError(f"cannot read {path}: {exc}") from None
+        raw = read_bytes(path, MAX_JSONL_BYTES)
+    except FileNotFoundError:
+        return [], []
     text = raw.decode("utf-8", errors="replace")
     lines = text.split("\n")
     torn_tail = not text.endswith("\n")
@@ -239,7 +292,7 @@ def scan_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]
             if not isinstance(record, dict):
                 raise ValueError("not an object")
             records.append(record)
-        except ValueError:
+        except (ValueError, RecursionError):
             if torn_tail and number == len(lines):
                 continue
             damaged.append((number, line))
@@ -383,8 +436,16 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunLock:
+        if self.path.is_symlink():
+            raise RunDirError(f"{self.path} is a symbolic link; escapelab locks only a file "
+                              "of its own there (remove the link)")
         with writing(self.path):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o666)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunDirError(f"{self.path} is not a regular file (a FIFO or device); "
+                              "remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -418,9 +479,12 @@ class RunLock:
         """Who holds the lock of `folder` now (pid, host, since), or None if nobody."""
         path = folder / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError:
             return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None  # not a lock escapelab made: nobody holds it
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -579,7 +643,14 @@ class RunDir:
             raise RunDirError(f"{self.path / CONFIG_FILE}: {exc}") from None
 
     def config_text(self) -> str:
-        return (self.path / CONFIG_FILE).read_text()
+        path = self.path / CONFIG_FILE
+        try:
+            return read_bytes(path, MAX_JSON_BYTES).decode("utf-8")
+        except FileNotFoundError:
+            raise RunDirError(f"{path} is missing") from None
+        except UnicodeDecodeError as exc:
+            raise RunDirError(f"cannot read {path}: not UTF-8 text ({exc.reason} at byte "
+                              f"{exc.start})") from None
 
     def derived(self) -> Derived:
         payload = read_json(self.path / DERIVED_FILE)
@@ -685,7 +756,7 @@ class RunDir:
             records, damaged = scan_jsonl(path)
             if damaged:
                 aside = path.with_name(path.name + ".damaged")
-                with writing(aside), aside.open("a") as f:
+                with writing(aside), _append(aside) as f:
                     f.writelines(f"{n}\t{line}\n" for n, line in damaged)
                 warnings.warn(f"{path}: {len(damaged)} damaged line(s) (line "
                               f"{', '.join(str(n) for n, _ in damaged[:5])}) moved to "
@@ -805,6 +876,46 @@ class RunDir:
     @property
     def report_path(self) -> Path:
         return self.path / REPORT_FILE
+
+
+def write_figures(folder: Path, files: dict[str, bytes]) -> None:
+    """Write a report's figure files into ``folder/figures/`` and remove the ones an
+    earlier report wrote that are not among them. Never through a link: a ``figures``
+    that is a symbolic link (or not a folder) is refused, each file is written to a
+    temporary name and renamed over whatever is at its path (a link there is replaced,
+    its target untouched), and only the files listed in the manifest the report itself
+    wrote are ever deleted (a user's own files in ``figures/`` stay)."""
+    target = folder / FIGURES_DIR
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        what = "a symbolic link" if target.is_symlink() else "not a folder"
+        raise RunDirError(f"{target} is {what}; escapelab writes figures only into a "
+                          "folder of its own there (move it away and run the report again)")
+    with writing(target):
+        target.mkdir(exist_ok=True)
+    manifest = folder / FIGURES_MANIFEST
+    earlier: list[str] = []
+    if manifest.is_file() and not manifest.is_symlink():
+        with contextlib.suppress(OSError, ValueError, RunDirError):
+            names = json.loads(manifest.read_text()[:1_000_000])
+            earlier = [n for n in names if isinstance(n, str) and _plain_name(n)] \
+                if isinstance(names, list) else []
+    for name, data in files.items():
+        if not _plain_name(name):
+            raise RunDirError(f"refusing to write figure {name!r}: not a plain file name")
+        _atomic_write(target / name, _bytes_writer(data))
+    for name in earlier:
+        if name not in files:  # a figure the data no longer supports is not kept
+            with writing(target / name):
+                (target / name).unlink(missing_ok=True)
+    write_json(manifest, sorted(files))
+
+
+def _bytes_writer(data: bytes) -> Callable[[Path], Any]:
+    return lambda tmp: tmp.write_bytes(data)
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
 
 
 def _first_existing(path: Path) -> Path:

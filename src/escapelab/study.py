@@ -272,9 +272,8 @@ def run_study(plan: StudyPlan, out: Path | str, *, parts: tuple[str, ...] | None
             # into new folders, as a re-launched sweep does; a changed part is no longer
             # done until it runs again.
             for name in changed_parts(state["plan"], plan.dump()):
-                entry = state["parts"].get(name, {})
-                if entry.get("state") == "done":
-                    entry["state"] = "plan changed"
+                if name in state["parts"]:  # its wall time is that of the current plan
+                    state["parts"][name] = {"state": "plan changed", "wall_s": 0.0}
             state["plan"] = plan.dump()
         state["parts"] = {name: state["parts"].get(name, {"state": "not run", "wall_s": 0.0})
                           for name in PARTS}
