@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -47,16 +48,10 @@ import torch
 
 from escapelab.config import load_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import card, sync  # noqa: E402  (bench/gpu.py: the same card name and sync)
+
 ROOT = Path(__file__).resolve().parent / "data"
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def card() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no GPU)"
 
 
 def preset(quick: bool, *extra: str) -> list[str]:

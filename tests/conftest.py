@@ -49,3 +49,15 @@ def interrupt_at(step: int, signum: int = signal.SIGINT):
             os.kill(os.getpid(), signum)
 
     return progress
+
+
+def finished_and_interrupted(root) -> None:
+    """Train a tiny finished run into ``root/finished`` and the same run stopped by
+    Ctrl-C at step 25 (resumable, checkpoints every 10 steps) into ``root/interrupted``."""
+    from escapelab.errors import RunInterrupted
+    from escapelab.train import train
+
+    cfg = load_config("digits", tiny_overrides(**{"checkpoint.every": 10}))
+    train(cfg, root / "finished")
+    with pytest.raises(RunInterrupted):
+        train(cfg, root / "interrupted", progress=interrupt_at(25))

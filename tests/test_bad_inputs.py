@@ -14,9 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import tiny_overrides
-from escapelab.config import load_config
-from escapelab.train import train
+from conftest import finished_and_interrupted, tiny_overrides
 
 CLI = [sys.executable, "-m", "escapelab"]
 
@@ -24,21 +22,8 @@ CLI = [sys.executable, "-m", "escapelab"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A finished run and an interrupted (resumable) one, copied per case."""
-    import os
-    import signal
-
-    from escapelab.errors import RunInterrupted
-
     root = tmp_path_factory.mktemp("bad")
-    cfg = load_config("digits", tiny_overrides(**{"checkpoint.every": 10}))
-    train(cfg, root / "finished")
-
-    def stop(step, total, info):
-        if step == 25:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(RunInterrupted):
-        train(cfg, root / "interrupted", progress=stop)
+    finished_and_interrupted(root)
     (root / "nocheckpoints").mkdir()
     shutil.copytree(root / "finished", root / "nocheckpoints" / "run")
     for f in (root / "nocheckpoints" / "run" / "checkpoints").iterdir():

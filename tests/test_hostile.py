@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from conftest import tiny_overrides
-from escapelab.config import load_config
-from escapelab.errors import RunDirError, RunInterrupted
+from conftest import finished_and_interrupted
+from escapelab.errors import RunDirError
 from escapelab.store import append_jsonl, read_json, scan_jsonl
-from escapelab.train import train
 
 CLI = [sys.executable, "-m", "escapelab"]
 
@@ -24,15 +21,7 @@ CLI = [sys.executable, "-m", "escapelab"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    cfg = load_config("digits", tiny_overrides(**{"checkpoint.every": 10}))
-    train(cfg, root / "finished")
-
-    def stop(step, total, info):
-        if step == 25:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(RunInterrupted):
-        train(cfg, root / "interrupted", progress=stop)
+    finished_and_interrupted(root)
     return root
 
 

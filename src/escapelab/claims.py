@@ -283,12 +283,19 @@ def step_small_stays(ev: Evidence) -> Claim:
               "per seed: holds if the phase is 'stays' (never leaves, or leaves without the "
               f"probe moving by {MARGIN_POINTS:g} points); every seed -> holds, some -> "
               "partly, none -> does not hold", link="step-size/fig1c_probe_by_lr")
+    return _phase_at_end(ev, c, min, ("stays",))
+
+
+def _phase_at_end(ev: Evidence, c: Claim, end: Callable[[list[float]], float],
+                  phases: tuple[str, ...]) -> Claim:
+    """Judge the runs at the smallest or largest step size (`end`) per seed: does their
+    phase belong to `phases`? Needs two step sizes at least (one is no range)."""
     lrs = _by_lr([r for r in ev.step_size if r.summary])
     if len(lrs) < 2:
         return _missing(c, ev.missing.get("step-size", "fewer than two step sizes finished"))
-    lr = min(lrs)
+    lr = end(list(lrs))
     runs = lrs[lr]
-    c.verdict = by_seeds([r.phase == "stays" for r in runs])
+    c.verdict = by_seeds([r.phase in phases for r in runs])
     c.value = (f"eta {lr:g}: " + ", ".join(f"seed {r.seed} {r.phase}" for r in runs)
                + f"; gain {spread([_gain(r) for r in runs], 100, 'points')}")
     return c
@@ -386,15 +393,7 @@ def step_largest_unrecovered(ev: Evidence) -> Claim:
               "per seed: holds if the phase is 'collapses' or 'diverges' (does not end "
               f"{MARGIN_POINTS:g} points above the teacher); every seed -> holds, some -> "
               "partly, none -> does not hold", link="step-size/fig1c_probe_by_lr")
-    lrs = _by_lr([r for r in ev.step_size if r.summary])
-    if len(lrs) < 2:
-        return _missing(c, ev.missing.get("step-size", "fewer than two step sizes finished"))
-    lr = max(lrs)
-    runs = lrs[lr]
-    c.verdict = by_seeds([r.phase in ("collapses", "diverges") for r in runs])
-    c.value = (f"eta {lr:g}: " + ", ".join(f"seed {r.seed} {r.phase}" for r in runs)
-               + f"; gain {spread([_gain(r) for r in runs], 100, 'points')}")
-    return c
+    return _phase_at_end(ev, c, max, ("collapses", "diverges"))
 
 
 def _batch_number(r: RunFacts) -> float:

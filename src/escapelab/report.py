@@ -568,16 +568,16 @@ def _study_content(path: Path) -> tuple[list[str], list[Drawn], str]:
 
     plan, state = read_plan(path)
     sources = [(prefix, path / folder) for prefix, folder in STUDY_SOURCES]
-    rep = SweepDir(path / "step-size").run_path(representatives(plan)[0].dirname)
+    first = representatives(plan)[0]
+    rep = SweepDir(path / "step-size").run_path(first.dirname)
     sources.append(("rep", rep))
     drawn: list[Drawn] = []
     for prefix, folder in sources:
         kind = kind_of(folder) if folder.is_dir() else None
         if kind is None:
             continue
-        first = representatives(plan)[0].config
-        what = (f"representative run (eta {first.optim.lr:g}, seed {first.seed})"
-                if prefix == "rep" else prefix)
+        what = (f"representative run (eta {first.config.optim.lr:g}, seed "
+                f"{first.config.seed})" if prefix == "rep" else prefix)
         for d in _content(folder, kind)[1]:
             drawn.append(Drawn(f"{prefix}-{d.id}", f"{what}: {d.title}", d.caption, d.figure))
     ids = {d.id for d in drawn}

@@ -192,12 +192,11 @@ def _check_sizes(point: Point) -> None:
     """What the config alone cannot see but a plan can: probes asking for more training
     images than a subset keeps."""
     cfg = point.config
-    for key in ("train_samples",):
-        value = getattr(cfg.probe, key)
-        if cfg.data.subset is not None and value is not None and value > cfg.data.subset:
-            raise ConfigError(f"sweep point {point.label}: probe.{key}={value} exceeds "
-                              f"data.subset={cfg.data.subset} (probes are fit on the "
-                              "training subset; set probe.train_samples: null)")
+    value, subset = cfg.probe.train_samples, cfg.data.subset
+    if subset is not None and value is not None and value > subset:
+        raise ConfigError(f"sweep point {point.label}: probe.train_samples={value} exceeds "
+                          f"data.subset={subset} (probes are fit on the training subset; "
+                          "set probe.train_samples: null)")
 
 
 def sweep_spec(plan: StudyPlan, name: str) -> SweepSpec:
